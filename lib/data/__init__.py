@@ -1,0 +1,1 @@
+from .imageset import ImageSet
