@@ -1,0 +1,190 @@
+"""The registry of fine-tuning methods (DomainBed style): a method is a small object with default hparams.
+
+A method says which parameters train, what the loss of a batch is, and what happens around the optimizer
+step; lib.train.finetune runs every method with the same loop. Modifiers (averaging, sparsity) wrap any base
+method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
+
+    >>> method = get_method("ft", lr=3e-5)
+    >>> method.hparams["lr"]
+    3e-05
+"""
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from .losses import cross_entropy_loss
+from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
+from .train import Trained
+
+
+class Method:
+    """The interface. Subclasses override HPARAMS (merged along the class hierarchy) and the hooks they need."""
+    name = "method"
+    trains = True
+    HPARAMS = dict(lr=1e-4, weight_decay=0.1, batch_size=64, num_steps=150, warmup_steps=10, grad_clip=1.0,
+                   templates=SHAPEWORLD_TEMPLATES)
+
+    def __init__(self, **hparams):
+        defaults = self.defaults()
+        unknown = sorted(set(hparams) - set(defaults))
+        if unknown:
+            raise ValueError(f"Unknown hyperparameter(s) {unknown} for method {self.name!r}; "
+                             f"it takes {sorted(defaults)}.")
+        self.hparams = {**defaults, **hparams}
+
+    @classmethod
+    def defaults(cls):
+        merged = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "HPARAMS", {}))
+        return merged
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        """Called once before training, on the copy of the model that will train."""
+
+    def trainable_parameters(self, model):
+        """[(name, parameter)] that the optimizer updates; the image encoder by default."""
+        return [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
+
+    def make_optimizer(self, named_parameters):
+        return torch.optim.AdamW([p for _, p in named_parameters], lr=self.hparams["lr"],
+                                 weight_decay=self.hparams["weight_decay"])
+
+    def loss(self, model, images, labels, indices):
+        raise NotImplementedError
+
+    def before_clip(self, model):
+        """After backward, before gradient clipping (SAFT masks gradients here)."""
+
+    def after_step(self, model, step):
+        """After each optimizer step (weight averaging updates here)."""
+
+    def finalize(self, model, history):
+        return Trained(model, None, history, self)
+
+    def __repr__(self):
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.hparams.items() if k != 'templates')})"
+
+
+class ZeroShot(Method):
+    """No training: classify with the text embeddings of class-name prompts."""
+    name = "zeroshot"
+    trains = False
+
+
+class LinearHead:
+    """A linear classifier over image features for a fixed set of classes (no text, so no new classes)."""
+
+    def __init__(self, weight, bias, classnames):
+        self.weight, self.bias, self.classnames = weight.float(), bias.float(), list(classnames)
+
+    def __call__(self, image_features, classnames):
+        missing = [c for c in classnames if c not in self.classnames]
+        if missing:
+            raise KeyError(f"a linear head knows only the classes it was trained on; not {missing}")
+        rows = [self.classnames.index(c) for c in classnames]
+        return image_features @ self.weight[rows].T + self.bias[rows]
+
+
+class LinearProbe(Method):
+    """CLIP's linear-probe protocol: logistic regression on frozen image features (scikit-learn)."""
+    name = "lp"
+    trains = False
+    HPARAMS = dict(C=1.0, max_iter=1000)
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        features = encode_images(model, train_set).numpy()
+        classifier = LogisticRegression(C=self.hparams["C"], max_iter=self.hparams["max_iter"], random_state=seed)
+        classifier.fit(features, train_set.labels.numpy())
+        names = [train_set.classnames[c] for c in classifier.classes_]
+        self.head = LinearHead(torch.from_numpy(classifier.coef_), torch.from_numpy(classifier.intercept_), names)
+
+    def finalize(self, model, history):
+        return Trained(model, self.head, history, self)
+
+
+class FrozenTextMethod(Method):
+    """Base for methods that train the image encoder against the frozen text encoder's class embeddings."""
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        self.text_features = zeroshot_head(model, tokenizer, train_set.classnames, self.hparams["templates"])
+        self.scale = model.logit_scale.exp().item()
+
+
+class FineTune(FrozenTextMethod):
+    """Plain fine-tuning: image encoder, cross-entropy on the model's scale * cosine to frozen class embeddings."""
+    name = "ft"
+
+    def loss(self, model, images, labels, indices):
+        image_features = model.encode_image(images, normalize=True)
+        return cross_entropy_loss(image_features, self.text_features, labels, self.scale)
+
+
+class Modifier(Method):
+    """Wraps a base method and adds behaviour around its steps; hyperparameters of both are accepted."""
+    MODIFIER_HPARAMS = {}
+
+    def __init__(self, base, **hparams):
+        unknown = sorted(set(hparams) - set(self.MODIFIER_HPARAMS))
+        if unknown:
+            raise ValueError(f"Unknown hyperparameter(s) {unknown} for modifier {self.name!r}; "
+                             f"it takes {sorted(self.MODIFIER_HPARAMS)}.")
+        self.base = base
+        self.hparams = base.hparams  # one shared dict, so the base method sees every override too
+        self.hparams.update({**self.MODIFIER_HPARAMS, **hparams})
+        self.name = f"{base.name}+{self.name}"
+        self.trains = base.trains
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        self.base.setup(model, tokenizer, train_set, num_steps, seed)
+
+    def trainable_parameters(self, model):
+        return self.base.trainable_parameters(model)
+
+    def make_optimizer(self, named_parameters):
+        return self.base.make_optimizer(named_parameters)
+
+    def loss(self, model, images, labels, indices):
+        return self.base.loss(model, images, labels, indices)
+
+    def before_clip(self, model):
+        self.base.before_clip(model)
+
+    def after_step(self, model, step):
+        self.base.after_step(model, step)
+
+    def finalize(self, model, history):
+        return self.base.finalize(model, history)
+
+
+METHODS = {m.name: m for m in (ZeroShot, LinearProbe, FineTune)}
+MODIFIERS = {}
+ALIASES = {}
+
+
+def register(cls, registry=None):
+    """Add a method (or, with registry=MODIFIERS, a modifier) to the registry; usable as a decorator."""
+    (METHODS if registry is None else registry)[cls.name] = cls
+    return cls
+
+
+def get_method(name, **hparams):
+    """A method from its registry name; "a+b+c" is base method a wrapped by modifiers b then c."""
+    parts = ALIASES.get(name, name).split("+")
+    if parts[0] not in METHODS:
+        raise ValueError(f"Unknown method {parts[0]!r}; known methods: {sorted(METHODS) + sorted(ALIASES)}"
+                         + (f", modifiers usable after '+': {sorted(MODIFIERS)}" if MODIFIERS else ""))
+    unknown = [p for p in parts[1:] if p not in MODIFIERS]
+    if unknown:
+        raise ValueError(f"Unknown modifier(s) {unknown} in {name!r}; known modifiers: {sorted(MODIFIERS)}")
+    base_keys = set(METHODS[parts[0]].defaults())
+    method = METHODS[parts[0]](**{k: v for k, v in hparams.items() if k in base_keys})
+    rest = {k: v for k, v in hparams.items() if k not in base_keys}
+    for part in parts[1:]:
+        modifier = MODIFIERS[part]
+        method = modifier(method, **{k: rest.pop(k) for k in list(rest) if k in modifier.MODIFIER_HPARAMS})
+    if rest:
+        raise ValueError(f"Unknown hyperparameter(s) {sorted(rest)} for method {name!r}; "
+                         f"it takes {sorted(method.hparams)}.")
+    if name in ALIASES:
+        method.name = name
+    return method

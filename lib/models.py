@@ -1,0 +1,154 @@
+"""Loading CLIP models (open_clip by name, or the project's own mini-CLIP) and zero-shot heads."""
+import contextlib
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+import torchvision.transforms.functional as TF
+from tqdm.auto import tqdm
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+MINI_CHECKPOINT = DATA_DIR / "mini_clip.pt"
+MINI_CONFIG = dict(
+    embed_dim=128,
+    vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=4, head_width=32, mlp_ratio=4),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3),
+)
+MINI_MEAN, MINI_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+# One template per ShapeWorld style, averaged: CLIP's prompt ensembling, with the domains kept out of the choice.
+SHAPEWORLD_TEMPLATES = ("a photo of a {}.", "a sketch of a {}.", "a cartoon of a {}.", "a painting of a {}.")
+REAL_TEMPLATES = ("a photo of a {}.", "a sketch of a {}.", "a painting of a {}.", "a cartoon of a {}.",
+                  "a art of the {}.", "a photo of the large {}.", "a photo of the small {}.")
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device):
+    """bf16 autocast on a GPU; full precision on the CPU (bf16 matmuls there are slow and gain nothing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_mini():
+    return open_clip.CLIP(**MINI_CONFIG)
+
+
+def mini_tokenizer():
+    return open_clip.tokenizer.SimpleTokenizer(context_length=MINI_CONFIG["text_cfg"]["context_length"])
+
+
+def mini_preprocess(image):
+    """A PIL image or a float tensor [3, H, W] in [0, 1] -> the mini-CLIP input [3, 32, 32]."""
+    if not isinstance(image, torch.Tensor):
+        image = TF.to_tensor(image.convert("RGB"))
+    size = MINI_CONFIG["vision_cfg"]["image_size"]
+    if image.shape[-2:] != (size, size):
+        image = TF.resize(image, [size, size], antialias=True)
+    return TF.normalize(image, MINI_MEAN, MINI_STD)
+
+
+def _tensor_friendly(preprocess):
+    """open_clip's transforms expect PIL images; ShapeWorld gives tensors."""
+    def apply(image):
+        if isinstance(image, torch.Tensor):
+            image = TF.to_pil_image(image)
+        return preprocess(image)
+    return apply
+
+
+def load_clip(name, pretrained=None, device="auto"):
+    """(model, preprocess, tokenizer) for "mini" or any open_clip model name, in eval mode on `device`.
+
+    pretrained: for "mini", None loads the committed checkpoint and a path loads another one; for open_clip
+    names, None gives random weights, a tag such as "openai" uses open_clip's cache (download it beforehand),
+    and a path loads a local checkpoint file.
+    """
+    device = pick_device(device)
+    if name == "mini":
+        model, preprocess, tokenizer = _load_mini(pretrained), mini_preprocess, mini_tokenizer()
+    else:
+        model, preprocess, tokenizer = _load_open_clip(name, pretrained)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def _load_mini(pretrained):
+    path = Path(pretrained) if pretrained else MINI_CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(
+            f"mini-CLIP checkpoint not found at {path}. It ships with the repository as data/mini_clip.pt; "
+            "restore it with `git checkout data/mini_clip.pt` or rebuild it with `python -m lib.pretrain`.")
+    model = build_mini()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() for k, v in checkpoint["state_dict"].items()})
+    return model
+
+
+def _load_open_clip(name, pretrained):
+    known = open_clip.list_models()
+    if name not in known:
+        close = [m for m in known if name.lower().replace("/", "-") in m.lower()][:8]
+        raise ValueError(f"Unknown model name {name!r}. Use 'mini' or an open_clip name such as "
+                         f"{close or ['ViT-B-16', 'ViT-B-32', 'RN50']} (open_clip.list_models() lists all).")
+    if pretrained and Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"} \
+            and not Path(pretrained).exists():
+        raise FileNotFoundError(f"Checkpoint file {pretrained} does not exist. Give the path of a local "
+                                f"open_clip checkpoint for {name}, or a tag such as 'openai'.")
+    # openai weights were trained with QuickGELU; open_clip only switches it on by itself for the tag.
+    quick_gelu = pretrained == "openai" or (pretrained is not None and "openai" in Path(str(pretrained)).name)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    except Exception as error:  # open_clip reports a failed download in many ways
+        raise RuntimeError(
+            f"Could not load {name} with pretrained={pretrained!r}: {error}. Nothing is downloaded at run time "
+            "unless open_clip can reach its hub; on an offline machine download the weights elsewhere and "
+            "pass the checkpoint's path as `pretrained`.") from error
+    return model, _tensor_friendly(preprocess), open_clip.get_tokenizer(name)
+
+
+def mini_info():
+    """The config, command and measurements that came with the committed mini-CLIP checkpoint."""
+    return json.loads((DATA_DIR / "mini_clip.json").read_text())
+
+
+def class_text_features(model, tokenizer, classnames, templates=SHAPEWORLD_TEMPLATES, device=None):
+    """[C, D] class embeddings: each class's template embeddings normalized, averaged and renormalized.
+
+    Differentiable: call under torch.no_grad() for a frozen zero-shot head.
+    """
+    device = device or next(model.parameters()).device
+    prompts = [t.format(c) for c in classnames for t in templates]
+    features = model.encode_text(tokenizer(prompts).to(device), normalize=True)
+    features = features.view(len(classnames), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+@torch.no_grad()
+def zeroshot_head(model, tokenizer, classnames, templates=SHAPEWORLD_TEMPLATES):
+    was_training = model.training
+    model.eval()
+    features = class_text_features(model, tokenizer, classnames, templates)
+    model.train(was_training)
+    return features.float()
+
+
+@torch.no_grad()
+def encode_images(model, dataset, batch_size=512, progress=False):
+    """L2-normalized image features [N, D] of a dataset that yields (model input, label)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    features = []
+    for images, _ in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+        with autocast(device):
+            features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+    model.train(was_training)
+    return torch.cat(features)

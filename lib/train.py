@@ -1,0 +1,102 @@
+"""One fine-tuning loop for every method of the registry (lib.methods)."""
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import autocast, pick_device
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, num_steps, warmup_steps=0):
+    """Linear warm-up, then cosine decay to zero: the schedule of CLIP and of the papers' code."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Trained:
+    """What fine-tuning returns: the model to evaluate, an optional non-text head, and the loss history."""
+    model: torch.nn.Module
+    head: object = None  # None: classify with the model's own text embeddings of the class names
+    history: list = field(default_factory=list)
+    method: object = None
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Yields (image, label, index): methods such as ARF need to know which training items are in a batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def _batches(dataset, batch_size, seed, num_workers):
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=min(batch_size, len(dataset)),
+                                         shuffle=True, drop_last=True, generator=generator,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0)
+    while True:
+        yield from loader
+
+
+def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device="auto", progress=True,
+             num_workers=0, **hparams):
+    """Fine-tune a copy of `model` on `train_set` (an ImageSet with the model's transform) with `method`.
+
+    method: a registry name ("ft", "mms+bma", ...) or a Method; hparams override the method's defaults.
+    Returns a Trained; the caller's model is never modified.
+    """
+    from .methods import get_method  # methods import this module for set_seed and friends
+    method = get_method(method, **hparams) if isinstance(method, str) else method
+    num_steps = method.hparams["num_steps"] if num_steps is None else num_steps
+    device = pick_device(device)
+    set_seed(seed)
+    model = copy.deepcopy(model).to(device)
+    method.setup(model, tokenizer, train_set, num_steps=num_steps, seed=seed)
+    if not method.trains or num_steps == 0:
+        return method.finalize(model.eval(), [])
+
+    named = method.trainable_parameters(model)
+    trainable = {id(p) for _, p in named}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    optimizer = method.make_optimizer(named)
+    scheduler = cosine_schedule(optimizer, num_steps, method.hparams["warmup_steps"])
+    params = [p for _, p in named]
+    batches = _batches(train_set, method.hparams["batch_size"], seed, num_workers)
+    history = []
+    model.train()
+    for step in tqdm(range(num_steps), desc=f"{method.name} (seed {seed})", disable=not progress, leave=False):
+        images, labels, indices = next(batches)
+        with autocast(device):
+            loss = method.loss(model, images.to(device), labels.to(device), indices)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_clip(model)
+        if method.hparams["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, method.hparams["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        method.after_step(model, step)
+        history.append(loss.item())
+    return method.finalize(model.eval(), history)

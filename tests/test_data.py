@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from lib.data import folders, shapeworld as sw
+
+
+def test_shapeworld_is_deterministic_and_streams_differ():
+    a = sw.make_split("train", domains=["photo", "sketch"], n_per_class=2, seed=3)
+    b = sw.make_split("train", domains=["photo", "sketch"], n_per_class=2, seed=3)
+    c = sw.make_split("test", domains=["photo", "sketch"], n_per_class=2, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (2 * 2 * len(sw.CLASSES), 3, 32, 32)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+
+
+def test_split_is_balanced_and_labels_index_the_given_classes():
+    split = sw.make_split("x", domains=["cartoon"], classes=sw.NEW_CLASSES, n_per_class=3)
+    assert split.classnames == list(sw.NEW_CLASSES)
+    assert np.bincount(split.labels.numpy()).tolist() == [3] * len(sw.NEW_CLASSES)
+    for i in range(len(split)):
+        assert split.classnames[split.labels[i]] in split.captions[i]
+        assert "cartoon" in split.captions[i]
+
+
+def test_base_new_is_the_coop_convention():
+    assert sw.BASE_CLASSES + sw.NEW_CLASSES == tuple(sorted(sw.CLASSES))
+    assert folders.base_new_split(list(reversed(sw.CLASSES))) == (list(sw.BASE_CLASSES), list(sw.NEW_CLASSES))
+    assert len(sw.DOMAINS) >= 4 and len(sw.CLASSES) >= 12
+
+
+def test_domains_look_different():
+    """Five image statistics tell the styles apart: the domain shift is real, not only a name."""
+    def statistics(images):
+        steps = (images[..., 1:, :] - images[..., :-1, :]).abs()
+        saturation = images.max(1).values - images.min(1).values
+        return torch.stack([steps.mean(dim=(1, 2, 3)), (steps > 0.3).float().mean(dim=(1, 2, 3)),
+                            images.std(dim=(1, 2, 3)), saturation.mean(dim=(1, 2)),
+                            (saturation < 0.05).float().mean(dim=(1, 2))], 1).numpy()
+    fit, check = sw.make_split("fit", n_per_class=4), sw.make_split("check", n_per_class=4)
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    classifier.fit(statistics(fit.images), fit.domains)
+    assert classifier.score(statistics(check.images), check.domains) > 0.9
+
+
+def test_captions_carry_attributes_beyond_the_class():
+    corpus = sw.web_corpus(200, seed=0, noise=0.0)
+    words = " ".join(corpus.captions)
+    for values in (sw.COLORS, sw.SIZES, sw.BACKGROUNDS, sw.DOMAINS):
+        assert all(v in words for v in values)
+    full = sw.caption(corpus.scenes, 0)
+    attributes = sw.scene_attributes(corpus.scenes, 0)
+    assert all(v in full for v in attributes.values())
+
+
+def test_web_corpora_are_disjoint():
+    pretrain = sw.web_corpus(50, seed=0, stream="pretrain")
+    candidates = sw.web_corpus(50, seed=0, stream="candidates")
+    flat_a = pretrain.images.flatten(1)
+    flat_b = candidates.images.flatten(1)
+    assert torch.cdist(flat_a, flat_b).min() > 0
+
+
+def test_unknown_shapeworld_names_are_rejected():
+    with pytest.raises(ValueError, match="no domain"):
+        sw.make_split("x", domains=["x-ray"])
+    with pytest.raises(ValueError, match="no class"):
+        sw.make_split("x", classes=["dog"])
+
+
+def _tree(root, domains=("art", "photo"), classes=("dog", "tall_giraffe", "horse"), n=4):
+    for d in domains:
+        for c in classes:
+            folder = root / "Toy" / d / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_domainbed_loader_reads_the_layout(tmp_path):
+    data = folders.load_domainbed(_tree(tmp_path), "Toy")
+    assert data.classnames == ["dog", "horse", "tall giraffe"]
+    assert len(data) == 2 * 3 * 4
+    assert sorted(set(data.domains)) == ["art", "photo"]
+    image, label = data[0]
+    assert isinstance(image, Image.Image) and label.item() == 0
+    only = folders.load_domainbed(tmp_path, "Toy", domains=["photo"], classes=["tall giraffe"])
+    assert len(only) == 4 and only.classnames == ["tall giraffe"]
+
+
+def test_domainbed_errors_show_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Expected layout"):
+        folders.load_domainbed(tmp_path, "PACS")
+    _tree(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no domain folder"):
+        folders.load_domainbed(tmp_path, "Toy", domains=["sketch"])
+    with pytest.raises(ValueError, match="match no class folder"):
+        folders.load_domainbed(tmp_path, "Toy", classes=["zebra"])
+
+
+def test_fraction_sample_sizes_balance_and_nesting():
+    data = sw.make_split("frac", domains=["photo", "sketch", "cartoon"], n_per_class=5)
+    per_domain = len(data) // 3
+    previous = set()
+    for fraction in (0, 0.03, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+        sample = folders.fraction_sample(data, fraction, seed=1)
+        counts = {d: sample.domains.count(d) for d in ("photo", "sketch", "cartoon")}
+        assert set(counts.values()) == {int(round(fraction * per_domain))}
+        current = {tuple(sample.images[i].flatten()[:8].tolist()) for i in range(len(sample))}
+        assert previous <= current
+        previous = current
+    assert folders.fraction_sample(data, 0.5, seed=1).captions == folders.fraction_sample(data, 0.5, seed=1).captions
+    with pytest.raises(ValueError):
+        folders.fraction_sample(data, 1.5)
+
+
+def test_k_shot_and_train_test_split():
+    data = sw.make_split("k", domains=["photo"], n_per_class=6)
+    few = folders.k_shot(data, 2, seed=0)
+    assert np.bincount(few.labels.numpy()).tolist() == [2] * len(sw.CLASSES)
+    train, test = folders.train_test_split(data, 0.5, seed=0)
+    assert len(train) + len(test) == len(data)
+    assert np.bincount(test.labels.numpy()).tolist() == [3] * len(sw.CLASSES)
+    overlap = torch.cdist(train.images.flatten(1), test.images.flatten(1)).min()
+    assert overlap > 0
