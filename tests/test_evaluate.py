@@ -1,0 +1,96 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+
+from lib.data import ImageSet
+from lib.evaluate import confidence_interval, evaluate, harmonic_mean, summarize, with_ci
+
+
+class FixedFeatures(torch.nn.Module):
+    """A 'model' whose image features are the inputs themselves: evaluation can be checked by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_image(self, images, normalize=True):
+        return torch.nn.functional.normalize(images, dim=-1)
+
+
+def test_evaluate_matches_a_hand_count():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 4, generator=generator)
+    labels = torch.randint(0, 4, (40,), generator=generator)
+    domains = ["a"] * 25 + ["b"] * 15
+    data = ImageSet(images=features, labels=labels, classnames=["w", "x", "y", "z"], domains=domains)
+    weight = torch.randn(4, 4, generator=generator)
+
+    def head(image_features, classnames):
+        return image_features @ weight[[["w", "x", "y", "z"].index(c) for c in classnames]].T
+
+    groups = {"first": ["w", "x"], "second": ["y", "z"]}
+    results = evaluate(FixedFeatures(), None, data, groups=groups, head=head, method="m", seed=3)
+    assert set(results.columns) >= {"method", "seed", "domain", "group", "n", "accuracy"}
+    normalized = torch.nn.functional.normalize(features, dim=-1)
+    for row in results.itertuples():
+        classes = groups[row.group]
+        idx = [i for i in range(40) if domains[i] == row.domain and data.classnames[labels[i]] in classes]
+        correct = 0
+        for i in idx:
+            scores = [float(normalized[i] @ weight[data.classnames.index(c)]) for c in classes]
+            correct += classes[int(np.argmax(scores))] == data.classnames[labels[i]]
+        assert row.n == len(idx)
+        assert row.accuracy == pytest.approx(correct / len(idx))
+        assert row.method == "m" and row.seed == 3
+
+
+def test_a_head_without_the_classes_gives_nan():
+    data = ImageSet(images=torch.randn(6, 3), labels=torch.tensor([0, 1, 2, 0, 1, 2]), classnames=["a", "b", "c"],
+                    domains=["d"] * 6)
+
+    def head(image_features, classnames):
+        if "c" in classnames:
+            raise KeyError("c")
+        return image_features[:, :len(classnames)]
+
+    results = evaluate(FixedFeatures(), None, data, groups={"known": ["a", "b"], "unknown": ["c"]}, head=head)
+    assert results.set_index("group").accuracy.isna().tolist() == [False, True]
+
+
+def test_group_with_unknown_classes_is_rejected():
+    data = ImageSet(images=torch.randn(2, 3), labels=torch.tensor([0, 1]), classnames=["a", "b"], domains=["d"] * 2)
+    with pytest.raises(ValueError, match="does not have"):
+        evaluate(FixedFeatures(), None, data, groups={"g": ["a", "zebra"]}, head=lambda f, c: f[:, :len(c)])
+
+
+def test_summarize_by_hand():
+    rows = []
+    accuracy = {("photo", "base"): 0.9, ("sketch", "base"): 0.5, ("paint", "base"): 0.3,
+                ("photo", "new"): 0.6, ("sketch", "new"): 0.4, ("paint", "new"): 0.2}
+    for seed in (0, 1):
+        for (domain, group), value in accuracy.items():
+            rows.append({"method": "ft", "seed": seed, "domain": domain, "group": group, "n": 10,
+                         "accuracy": value + seed * 0.01})
+    summary = summarize(pd.DataFrame(rows), train_domains=["photo"])
+    first = summary.iloc[0]
+    assert first.id == pytest.approx(0.9)
+    assert first.domain_shift == pytest.approx(0.4)
+    assert first.new == pytest.approx(0.4)
+    assert first.base == pytest.approx(1.7 / 3)
+    assert first.hm == pytest.approx(2 * (1.7 / 3) * 0.4 / (1.7 / 3 + 0.4))
+    assert summary.seed.tolist() == [0, 1]
+    table = with_ci(summary)
+    assert table.loc[0, "id"] == pytest.approx(0.905)
+    assert table.loc[0, "seeds"] == 2
+
+
+def test_confidence_interval_is_students_t():
+    values = [0.61, 0.65, 0.58, 0.7]
+    mean, half = confidence_interval(values)
+    low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy.stats.sem(values))
+    assert mean == pytest.approx(np.mean(values))
+    assert half == pytest.approx((high - low) / 2)
+    assert np.isnan(confidence_interval([0.5])[1])
+    assert harmonic_mean(0.8, 0.4) == pytest.approx(2 * 0.8 * 0.4 / 1.2)
