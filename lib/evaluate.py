@@ -93,3 +93,12 @@ def with_ci(summary, by="method", level=0.95):
             row[metric], row[f"{metric}_ci"] = confidence_interval(frame[metric], level)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def format_table(table, metrics=("id", "domain_shift", "new", "hm"), by="method"):
+    """A with_ci table as strings 'mean ± half-width' in percent, one row per method."""
+    def cell(row, metric):
+        mean, half = 100 * row[metric], 100 * row[f"{metric}_ci"]
+        return f"{mean:.1f}" if np.isnan(half) else f"{mean:.1f} ± {half:.1f}"
+    return pd.DataFrame({metric: [cell(row, metric) for _, row in table.iterrows()] for metric in metrics},
+                        index=pd.Index(table[by], name=by))

@@ -11,7 +11,8 @@ method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from .losses import cross_entropy_loss
+from .averaging import BetaMovingAverage
+from .losses import cross_entropy_loss, mms_loss
 from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
 from .train import Trained
 
@@ -119,6 +120,16 @@ class FineTune(FrozenTextMethod):
         return cross_entropy_loss(image_features, self.text_features, labels, self.scale)
 
 
+class MarginMetricSoftmax(FrozenTextMethod):
+    """CLIPood's MMS: cross-entropy with class-adaptive margins lam * (1 - cos(t_y, t_j)), fixed scale 100."""
+    name = "mms"
+    HPARAMS = dict(lam=0.3, scale=100.0)
+
+    def loss(self, model, images, labels, indices):
+        image_features = model.encode_image(images, normalize=True)
+        return mms_loss(image_features, self.text_features, labels, self.hparams["lam"], self.hparams["scale"])
+
+
 class Modifier(Method):
     """Wraps a base method and adds behaviour around its steps; hyperparameters of both are accepted."""
     MODIFIER_HPARAMS = {}
@@ -156,9 +167,29 @@ class Modifier(Method):
         return self.base.finalize(model, history)
 
 
-METHODS = {m.name: m for m in (ZeroShot, LinearProbe, FineTune)}
-MODIFIERS = {}
-ALIASES = {}
+class BetaAverage(Modifier):
+    """CLIPood's BMA: the model returned is the Beta(beta, beta)-weighted mean of the zero-shot weights and
+    every later state of the trajectory."""
+    name = "bma"
+    MODIFIER_HPARAMS = dict(beta=0.5)
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        super().setup(model, tokenizer, train_set, num_steps, seed)
+        self.average = BetaMovingAverage(model, beta=self.hparams["beta"], total_steps=num_steps)
+
+    def after_step(self, model, step):
+        super().after_step(model, step)
+        self.average.update(model)
+
+    def finalize(self, model, history):
+        trained = super().finalize(model, history)
+        trained.model = self.average.module.eval()
+        return trained
+
+
+METHODS = {m.name: m for m in (ZeroShot, LinearProbe, FineTune, MarginMetricSoftmax)}
+MODIFIERS = {m.name: m for m in (BetaAverage,)}
+ALIASES = {"bma": "ft+bma", "clipood": "mms+bma"}
 
 
 def register(cls, registry=None):

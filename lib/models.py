@@ -12,7 +12,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MINI_CHECKPOINT = DATA_DIR / "mini_clip.pt"
 MINI_CONFIG = dict(
     embed_dim=128,
-    vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=4, head_width=32, mlp_ratio=4),
+    vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=16),
     text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3),
 )
 MINI_MEAN, MINI_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -221,6 +221,8 @@ def _bucket_holding_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]
 # Text-tower names of open_clip's CLIP ("text." is CustomTextCLIP's text tower).
 _TEXT_PREFIXES = ("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text.")
 _BLOCK_PATTERN = re.compile(r"^(?:visual\.|text\.)?transformer\.resblocks\.(\d+)\.")
+# open_clip's ModifiedResNet (RN50, mini-CLIP): stages visual.layer1 ... visual.layer4 count as blocks 0 ... 3.
+_STAGE_PATTERN = re.compile(r"^visual\.layer(\d+)\.")
 
 
 def _encoder_and_block(name: str) -> tuple[str, int]:
@@ -231,7 +233,10 @@ def _encoder_and_block(name: str) -> tuple[str, int]:
     else:
         encoder = "other"  # e.g. logit_scale
     match = _BLOCK_PATTERN.match(name)
-    return encoder, int(match.group(1)) if match else -1
+    if match:
+        return encoder, int(match.group(1))
+    stage = _STAGE_PATTERN.match(name)
+    return encoder, int(stage.group(1)) - 1 if stage else -1
 
 
 def per_layer_counts(mask: Mapping[str, torch.Tensor]) -> pd.DataFrame:

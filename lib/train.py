@@ -36,6 +36,17 @@ class Trained:
     method: object = None
 
 
+def train_mode(model):
+    """Training mode with BatchNorm statistics frozen at their pretrained values (mini-CLIP and the RN CLIPs
+    have BatchNorm): fine-tuning then changes the weights only, so weight averaging, WiSE-FT and SAFT's
+    "everything else stays pre-trained" hold for the whole model."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
 class _Indexed(torch.utils.data.Dataset):
     """Yields (image, label, index): methods such as ARF need to know which training items are in a batch."""
 
@@ -85,7 +96,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     params = [p for _, p in named]
     batches = _batches(train_set, method.hparams["batch_size"], seed, num_workers)
     history = []
-    model.train()
+    train_mode(model)
     for step in tqdm(range(num_steps), desc=f"{method.name} (seed {seed})", disable=not progress, leave=False):
         images, labels, indices = next(batches)
         with autocast(device):

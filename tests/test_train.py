@@ -83,7 +83,7 @@ def test_registry_errors_name_what_is_known():
         methods.get_method("ft+teleport")
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))
+@pytest.mark.parametrize("name", sorted(methods.METHODS) + sorted(methods.ALIASES))
 def test_every_registered_method_runs_a_few_steps(setup, name):
     """DomainBed's habit: every method of the registry trains on the tiny split and gives finite losses."""
     model, tokenizer, train = setup

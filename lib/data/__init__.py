@@ -1,1 +1,52 @@
+"""Data: ShapeWorld (embedded) and DomainBed-layout folders (real), behind one `load_benchmark`."""
+from dataclasses import dataclass
+
+from . import folders, shapeworld
 from .imageset import ImageSet
+
+
+@dataclass
+class Benchmark:
+    """A fine-tuning problem: train on base classes of some domains, test on every domain and class group."""
+    name: str
+    train: ImageSet
+    test: ImageSet
+    train_domains: list
+    domains: list
+    base_classes: list
+    new_classes: list
+
+    @property
+    def groups(self):
+        return {"base": self.base_classes, "new": self.new_classes}
+
+    def with_transform(self, transform):
+        return Benchmark(self.name, self.train.with_transform(transform), self.test.with_transform(transform),
+                         self.train_domains, self.domains, self.base_classes, self.new_classes)
+
+
+def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",), n_train_per_class=32,
+                   n_test_per_class=25, test_fraction=0.2, seed=0):
+    """The base-to-new and domain-shift benchmark the notebooks use.
+
+    ShapeWorld: n_train_per_class images per base class of the training domains; n_test_per_class images of
+    every class in every domain. A DomainBed dataset under data_root: a per-(domain, class) train/test split
+    (test_fraction), CoOp's base/new split of the sorted class names, and training on the base classes of
+    train_domains (n_train_per_class caps the images per class and domain, None keeps all).
+    """
+    train_domains = list(train_domains)
+    if dataset == "shapeworld":
+        base, new = list(shapeworld.BASE_CLASSES), list(shapeworld.NEW_CLASSES)
+        train = shapeworld.make_split("train", train_domains, base, n_train_per_class, seed)
+        test = shapeworld.make_split("test", shapeworld.DOMAINS, shapeworld.CLASSES, n_test_per_class, seed)
+        return Benchmark(dataset, train, test, train_domains, list(shapeworld.DOMAINS), base, new)
+    if data_root is None:
+        raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds "
+                         f"{dataset}/<domain>/<class>/<image> (DomainBed layout), or use dataset='shapeworld'.")
+    everything = folders.load_domainbed(data_root, dataset)
+    train_part, test = folders.train_test_split(everything, test_fraction, seed)
+    base, new = folders.base_new_split(everything.classnames)
+    train = train_part.where(domains=train_domains, classes=base).relabel(base)
+    if n_train_per_class is not None:
+        train = folders.k_shot(train, n_train_per_class, seed)
+    return Benchmark(dataset, train, test, train_domains, sorted(set(everything.domains)), base, new)

@@ -1,0 +1,85 @@
+"""The project's figures (matplotlib + seaborn), each saved to figures/ as PNG when given a path."""
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+FIGURES = Path(os.environ.get("LAB_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
+METRIC_LABELS = {"id": "ID (train domain, base classes)", "domain_shift": "domain shift (other domains, base)",
+                 "new": "new classes (all domains)", "base": "base classes (all domains)",
+                 "hm": "harmonic mean (base, new)"}
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save(fig, name):
+    """Save a figure as figures/<name>.png (created if needed) and return its path."""
+    FIGURES.mkdir(exist_ok=True)
+    path = FIGURES / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def example_grid(dataset, domains, classes, title="ShapeWorld"):
+    """One image per (domain, class): rows are domains, columns classes, each cell with its class name."""
+    fig, axes = plt.subplots(len(domains), len(classes), figsize=(1.1 * len(classes), 1.25 * len(domains)))
+    axes = np.atleast_2d(axes)
+    for r, domain in enumerate(domains):
+        for c, name in enumerate(classes):
+            ax = axes[r, c]
+            index = next(i for i in range(len(dataset))
+                         if dataset.domains[i] == domain and dataset.classnames[dataset.labels[i]] == name)
+            ax.imshow(dataset.images[index].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(domain, fontsize=10)
+    fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_heatmap(results, title):
+    """Accuracy per domain (rows) and class group (columns) of one run."""
+    table = results.pivot_table(index="domain", columns="group", values="accuracy", sort=False)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * table.shape[1], 0.5 + 0.5 * table.shape[0]))
+    sns.heatmap(table * 100, annot=True, fmt=".0f", cmap="viridis", vmin=0, vmax=100, ax=ax,
+                cbar_kws={"label": "accuracy (%)"})
+    ax.set_title(title)
+    ax.set_xlabel("class group")
+    ax.set_ylabel("domain")
+    return fig
+
+
+def metric_bars(table, metrics=("id", "domain_shift", "new"), title="", by="method"):
+    """Bars of mean accuracy across seeds with 95 % CI error bars; `table` comes from lib.evaluate.with_ci."""
+    fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(metrics), 3.6))
+    keys = list(table[by])
+    width = 0.8 / len(keys)
+    palette = sns.color_palette("colorblind", len(keys))
+    for k, key in enumerate(keys):
+        row = table[table[by] == key].iloc[0]
+        x = np.arange(len(metrics)) + (k - (len(keys) - 1) / 2) * width
+        means = [100 * row[m] for m in metrics]
+        errors = [100 * np.nan_to_num(row[f"{m}_ci"]) for m in metrics]
+        ax.bar(x, means, width, yerr=errors, capsize=3, label=f"{key} (n={row['seeds']})", color=palette[k])
+    ax.set_xticks(np.arange(len(metrics)), [METRIC_LABELS.get(m, m) for m in metrics], fontsize=9)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(title=by, fontsize=8, loc="lower left")
+    return fig
+
+
+def loss_curves(histories, title="training loss"):
+    """histories: {label: [loss per step]}."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, history in histories.items():
+        ax.plot(np.arange(1, len(history) + 1), history, label=label, alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
