@@ -14,7 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from .averaging import BetaMovingAverage
 from .losses import cross_entropy_loss, mms_loss
 from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
-from .train import Trained
+from .sparse import SCORE_STRATEGIES, SparseAdamW, mask_gradients, parameter_scores, saft_mask
+from .train import Trained, _batches, train_mode
 
 
 class Method:
@@ -219,3 +220,85 @@ def get_method(name, **hparams):
     if name in ALIASES:
         method.name = name
     return method
+
+
+class EndToEndCrossEntropy(Method):
+    """End-to-end fine-tuning (paper 2, SAFT's base): cross-entropy on logit_scale * cos(image, class text),
+    where the class embeddings come from the LIVE text encoder at every step (prompt ensembling over the
+    templates, as in the zero-shot head), and both encoders and logit_scale train."""
+    name = "ce"
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        device = next(model.parameters()).device
+        templates = self.hparams["templates"]
+        self.num_templates = len(templates)
+        self.tokens = tokenizer([t.format(c) for c in train_set.classnames for t in templates]).to(device)
+
+    def trainable_parameters(self, model):
+        return list(model.named_parameters())
+
+    def class_embeddings(self, model):
+        features = model.encode_text(self.tokens, normalize=True)
+        features = features.view(-1, self.num_templates, features.shape[-1]).mean(1)
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def loss(self, model, images, labels, indices):
+        image_features = model.encode_image(images, normalize=True)
+        return cross_entropy_loss(image_features, self.class_embeddings(model), labels, model.logit_scale.exp())
+
+
+class SparseAdaptation(Modifier):
+    """SAFT (arXiv 2407.03036): train only the top `alpha` fraction of the base method's trainable entries,
+    ranked by |gradient of the base loss averaged over `score_batches` training batches| (or by the Fisher,
+    random, or smallest-weight scores: `strategy`); every other entry stays bit-identical to its pre-trained
+    value. `score_batches=None` averages over one pass of the training set (the paper's choice).
+
+    The optimizer is lib.sparse.SparseAdamW (moments only for the selected entries; weight decay never touches
+    the others) and gradients are masked before clipping, so the clipping norm is that of the sparse update.
+    "saft" alone is "ce+saft": one global threshold over both encoders (and logit_scale)."""
+    name = "saft"
+    MODIFIER_HPARAMS = dict(alpha=0.001, strategy="gradient", score_batches=None)
+
+    def __init__(self, base, **hparams):
+        super().__init__(base, **hparams)
+        alpha, strategy = self.hparams["alpha"], self.hparams["strategy"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ValueError(f"saft: alpha is the fraction of parameters that train and must be in (0, 1] "
+                             f"(the paper uses 0.001); got {alpha!r}")
+        if strategy not in SCORE_STRATEGIES:
+            raise ValueError(f"saft: unknown strategy {strategy!r}; choose one of {list(SCORE_STRATEGIES)}")
+        score_batches = self.hparams["score_batches"]
+        if score_batches is not None and (not isinstance(score_batches, int) or score_batches < 1):
+            raise ValueError(f"saft: score_batches must be a positive int or None (one epoch); got {score_batches!r}")
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        super().setup(model, tokenizer, train_set, num_steps, seed)
+        params = dict(self.trainable_parameters(model))
+        batch_size = min(self.hparams["batch_size"], len(train_set))
+        n_batches = self.hparams["score_batches"] or max(1, len(train_set) // batch_size)
+        device = next(model.parameters()).device
+        stream = _batches(train_set, batch_size, seed + 10_000, 0)
+        batches = (next(stream) for _ in range(n_batches))
+
+        def loss_fn(model, batch):
+            images, labels, indices = batch
+            return self.base.loss(model, images.to(device), labels.to(device), indices)
+
+        was_training = model.training
+        train_mode(model)  # the mode training will use (BatchNorm statistics frozen)
+        self.scores = parameter_scores(model, loss_fn, batches, self.hparams["strategy"], params=params, seed=seed)
+        model.train(was_training)
+        self.mask = {name: m.to(params[name].device) for name, m in saft_mask(self.scores, self.hparams["alpha"]).items()}
+
+    def make_optimizer(self, named_parameters):
+        self.named = list(named_parameters)
+        return SparseAdamW(self.named, self.mask, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    def before_clip(self, model):
+        super().before_clip(model)
+        mask_gradients(self.named, self.mask)
+
+
+register(EndToEndCrossEntropy)
+register(SparseAdaptation, MODIFIERS)
+ALIASES["saft"] = "ce+saft"

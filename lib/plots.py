@@ -83,3 +83,57 @@ def loss_curves(histories, title="training loss"):
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
+
+
+def per_layer_figure(counts, title="SAFT: selected parameters per layer"):
+    """Bars of selected entries per residual block (ResNet stage for a ModifiedResNet image tower), one panel
+    per encoder; `counts` is lib.sparse.per_layer_counts(mask). Block -1 (embeddings, stem, attention pool,
+    final norms, projections) is drawn as "outside"; the label above a bar is its share of that group (%)."""
+    encoders = [e for e in ("image", "text", "other") if e in set(counts.encoder)]
+    fig, axes = plt.subplots(1, len(encoders), figsize=(3.2 + 2.4 * len(encoders), 3.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(2, (counts.encoder == e).sum()) for e in encoders]})
+    palette = dict(zip(("image", "text", "other"), sns.color_palette("colorblind", 3)))
+    for ax, encoder in zip(axes[0], encoders):
+        rows = counts[counts.encoder == encoder].sort_values("block")
+        labels = ["outside" if b < 0 else str(b) for b in rows.block]
+        bars = ax.bar(labels, rows["count"], color=palette[encoder])
+        for bar, count, total in zip(bars, rows["count"], rows["total"]):
+            ax.annotate(f"{100 * count / total:.2g}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"{encoder} encoder ({int(rows['count'].sum()):,} selected)" if encoder != "other"
+                     else f"other ({int(rows['count'].sum()):,})", fontsize=10)
+        ax.set_xlabel("residual block / stage" if encoder != "other" else "")
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].set_ylabel("selected entries (count)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def saft_alpha_figure(scores, alpha, title=None):
+    """The figure behind notebook 04's alpha slider: the global top-alpha mask of `scores` (lib.sparse.saft_mask)
+    counted per layer; returns (figure, counts)."""
+    from .sparse import per_layer_counts, saft_mask  # plots stays importable without the sparse machinery
+    counts = per_layer_counts(saft_mask(scores, alpha))
+    total = int(counts["total"].sum())
+    fig = per_layer_figure(counts, title or f"alpha = {alpha:.2%}: {int(counts['count'].sum()):,} of {total:,} entries")
+    return fig, counts
+
+
+def alpha_curves(table, metrics=("id", "domain_shift", "new"), reference=None, title=""):
+    """Accuracy vs alpha (log x axis), one line per metric; `table` has columns alpha and the metrics (0-1).
+    reference: {label: {metric: value}} drawn as dashed horizontal lines (e.g. zero-shot, dense ft)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    palette = sns.color_palette("colorblind", len(metrics))
+    for color, metric in zip(palette, metrics):
+        ax.plot(table["alpha"], 100 * table[metric], "o-", color=color, label=METRIC_LABELS.get(metric, metric))
+        for (label, values), style in zip((reference or {}).items(), ("--", ":", "-.")):
+            ax.axhline(100 * values[metric], color=color, linestyle=style, alpha=0.6, linewidth=1)
+    for label, style in zip(reference or {}, ("--", ":", "-.")):
+        ax.plot([], [], color="gray", linestyle=style, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("alpha (fraction of parameters trained, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    return fig
