@@ -1,7 +1,14 @@
 """SAFT at ViT-B-16 scale: how long saft_mask takes, how much memory it needs, and how small
-SparseAdamW's state is next to dense AdamW's.
+SparseAdamW's state is next to dense AdamW's; and on mini-CLIP, the per-step training time of the `saft`
+method as a ratio to `ft` and to `ce` (its dense equivalent: same loss, same trainable parameters).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_saft.py
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_saft.py            # everything
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_saft.py steps      # only the mini-CLIP step times
+
+Step times: every method runs the real loop (lib.train.finetune) for STEP_RUN steps per repeat, the methods
+interleaved within each repeat so that load changes on a shared machine hit them alike; a step is the time
+between two consecutive after_step calls (batch, forward, backward, masking, clipping, optimizer step), and
+the reported figure is the median over all steps of all repeats (the first two steps of each run dropped).
 
 Scores are random, shaped like ViT-B-16's 149.6M parameters (the selection cost does not depend on
 where the scores come from). The mask is timed in a fresh process so that its peak resident set is
@@ -14,12 +21,17 @@ import logging
 import multiprocessing
 import os
 import resource
+import sys
 import time
 
 import open_clip
 import torch
 
 from lib.sparse import SparseAdamW, parameter_scores, saft_mask, state_bytes
+
+STEP_METHODS = ("ft", "ce", "saft", "ft+saft")
+STEP_REPEATS = 5
+STEP_RUN = 22
 
 ALPHA = 0.001
 REPEATS = 3
@@ -89,7 +101,42 @@ def report_optimizer_state():
           f"selected entries")
 
 
+def report_step_times(repeats=STEP_REPEATS):
+    """Median per-step time of each of STEP_METHODS on mini-CLIP (default budget's batch), interleaved."""
+    import statistics
+
+    from lib import experiments, methods, models
+    from lib.data import load_benchmark
+    from lib.train import finetune
+
+    model, preprocess, tokenizer = models.load_clip("mini", device="cpu")
+    settings = experiments.BUDGETS["default"]
+    bench = load_benchmark("shapeworld", None, ["photo"], settings["n_train_per_class"],
+                           settings["n_test_per_class"]).with_transform(preprocess)
+    steps = {name: [] for name in STEP_METHODS}
+    for _ in range(repeats):
+        for name in STEP_METHODS:
+            method = methods.get_method(name, batch_size=settings["batch_size"])
+            stamps = []
+            after_step = method.after_step
+            method.after_step = lambda model, step, after_step=after_step: (after_step(model, step),
+                                                                            stamps.append(time.perf_counter()))
+            finetune(model, method, bench.train, tokenizer, num_steps=STEP_RUN, device="cpu", progress=False)
+            steps[name] += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    median = {name: statistics.median(times) for name, times in steps.items()}
+    print(f"mini-CLIP per-step time (median of {len(steps['ft'])} steps over {repeats} interleaved repeats, "
+          f"batch {settings['batch_size']}, {torch.get_num_threads()} threads):")
+    for name in STEP_METHODS:
+        print(f"  {name:8s} {1000 * median[name]:7.1f} ms")
+    print(f"  saft / ce (its dense equivalent) = {median['saft'] / median['ce']:.3f}x; "
+          f"saft / ft = {median['saft'] / median['ft']:.3f}x; ft+saft / ft = {median['ft+saft'] / median['ft']:.3f}x")
+    return median
+
+
 def main():
+    if sys.argv[1:] == ["steps"]:
+        report_step_times()
+        return
     # open_clip warns that pretrained=None gives random weights, which is all this needs.
     logging.disable(logging.WARNING)
     shapes = vit_b16_shapes()
@@ -101,6 +148,7 @@ def main():
     report_mask(shapes, torch.get_num_threads(), context)
     report_mask(shapes, 1, context)
     report_optimizer_state()
+    report_step_times()
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

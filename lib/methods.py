@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from .averaging import BetaMovingAverage
 from .losses import cross_entropy_loss, mms_loss
 from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
-from .sparse import SCORE_STRATEGIES, SparseAdamW, mask_gradients, parameter_scores, saft_mask
+from .sparse import SCORE_STRATEGIES, SparseAdamW, parameter_scores, saft_mask
 from .train import Trained, _batches, train_mode
 
 
@@ -273,6 +273,7 @@ class SparseAdaptation(Modifier):
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         super().setup(model, tokenizer, train_set, num_steps, seed)
+        self.mask = None  # candidates are all of the base's trainable parameters
         params = dict(self.trainable_parameters(model))
         batch_size = min(self.hparams["batch_size"], len(train_set))
         n_batches = self.hparams["score_batches"] or max(1, len(train_set) // batch_size)
@@ -289,6 +290,16 @@ class SparseAdaptation(Modifier):
         self.scores = parameter_scores(model, loss_fn, batches, self.hparams["strategy"], params=params, seed=seed)
         model.train(was_training)
         self.mask = {name: m.to(params[name].device) for name, m in saft_mask(self.scores, self.hparams["alpha"]).items()}
+        # Unselected entries as a ready mask (no negation per step); all-False tensors are not trained at all.
+        self.unselected = {name: ~m for name, m in self.mask.items() if m.any() and not m.all()}
+
+    def trainable_parameters(self, model):
+        """Before setup, the candidates (the base's trainable parameters); after it, only those with selected
+        entries: a tensor with none keeps requires_grad off, so backward skips it and clipping never sees it."""
+        named = super().trainable_parameters(model)
+        if getattr(self, "mask", None) is None:
+            return named
+        return [(name, p) for name, p in named if self.mask[name].any()]
 
     def make_optimizer(self, named_parameters):
         self.named = list(named_parameters)
@@ -296,7 +307,9 @@ class SparseAdaptation(Modifier):
 
     def before_clip(self, model):
         super().before_clip(model)
-        mask_gradients(self.named, self.mask)
+        for name, param in self.named:  # lib.sparse.mask_gradients with the negation done once
+            if param.grad is not None and name in self.unselected:
+                param.grad.masked_fill_(self.unselected[name], 0)
 
 
 register(EndToEndCrossEntropy)
