@@ -31,7 +31,7 @@ STYLE_WORDS = {"photo": "photo", "sketch": "sketch", "cartoon": "cartoon", "pain
 ATTRIBUTES = {"shape": CLASSES, "color": tuple(COLORS), "size": tuple(SIZES), "position": tuple(POSITIONS),
               "background": BACKGROUNDS, "domain": DOMAINS}
 # The web corpus's mix of styles, in the order of DOMAINS.
-WEB_DOMAIN_SHARES = (0.4, 0.25, 0.27, 0.08)
+WEB_DOMAIN_SHARES = (0.42, 0.27, 0.27, 0.04)
 SUPERSAMPLE = 2
 
 
@@ -185,8 +185,8 @@ def _render_one(scenes, i):
     else:  # painting
         canvas = _smooth_noise(rng, 3, size) * 0.35 + (0.05 if dark else 0.55)
         strokes = _smooth_noise(rng, 8, size) - 0.5
-        paint = np.clip(color * 0.8 + 0.1 + strokes * 0.35, 0, 1)
-        soft = _blur(mask.astype(float), 3)[..., None]
+        paint = np.clip(color * 0.8 + 0.1 + strokes * 0.3, 0, 1)
+        soft = _blur(mask.astype(float), 1)[..., None]
         img = soft * paint + (1 - soft) * canvas
         img = img + rng.normal(0, 0.04, (size // 4, size // 4, 3)).repeat(4, 0).repeat(4, 1)
     return _downsample(np.clip(img, 0, 1))
