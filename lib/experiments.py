@@ -41,3 +41,83 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
         tables.append(evaluate(run.model, tokenizer, bench.test, groups=bench.groups, head=run.head,
                                templates=run.method.hparams["templates"], method=method, seed=seed))
     return pd.concat(tables, ignore_index=True), trained
+
+
+def dg_benchmark(dataset="shapeworld", data_root=None, test_domain="painting", n_train_per_class=32,
+                 n_test_per_class=25, test_fraction=0.2, seed=0):
+    """DomainBed's leave-one-domain-out problem over ALL classes (paper 2 is closed-set): train on every domain
+    but `test_domain`; test on a held-out split of every domain. ID = the test split of the source domains,
+    OOD = `test_domain`. Returns a lib.data.Benchmark whose base_classes are all classes and new_classes empty."""
+    from .data import Benchmark, folders, shapeworld
+    if dataset == "shapeworld":
+        domains, classes = list(shapeworld.DOMAINS), list(shapeworld.CLASSES)
+        if test_domain not in domains:
+            raise ValueError(f"test_domain {test_domain!r} is not a ShapeWorld domain; choose one of {domains}.")
+        sources = [d for d in domains if d != test_domain]
+        train = shapeworld.make_split("train", sources, classes, n_train_per_class, seed)
+        test = shapeworld.make_split("test", domains, classes, n_test_per_class, seed)
+        return Benchmark(dataset, train, test, sources, domains, classes, [])
+    if data_root is None:
+        raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds "
+                         f"{dataset}/<domain>/<class>/<image> (DomainBed layout), or use dataset='shapeworld'.")
+    everything = folders.load_domainbed(data_root, dataset)
+    domains = sorted(set(everything.domains))
+    if test_domain not in domains:
+        raise ValueError(f"test_domain {test_domain!r} is not a domain of {dataset}; it has {domains}.")
+    train_part, test = folders.train_test_split(everything, test_fraction, seed)
+    sources = [d for d in domains if d != test_domain]
+    train = train_part.where(domains=sources)
+    if n_train_per_class is not None:
+        train = folders.k_shot(train, n_train_per_class, seed)
+    if n_test_per_class is not None:
+        test = folders.k_shot(test, n_test_per_class, seed)
+    return Benchmark(dataset, train, test, sources, domains, list(everything.classnames), [])
+
+
+def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps, batch_size, device="auto",
+                   progress=True, hparams=None):
+    """ID and OOD accuracy of every method trained on a `fraction` (0-1) of bench.train, for every seed.
+
+    The sample is lib.data.folders.fraction_sample(bench.train, fraction, seed): balanced over the source
+    domains and nested across fractions for one seed. The number of optimizer steps is FIXED (num_steps at every
+    fraction > 0: equal compute per point, and a small sample is seen for more epochs); fraction 0 trains nothing
+    (zero-shot for CLIP methods, a random head for vision-only). A method "X+swa" (or alias "X-swa") and "X" in
+    the same call share one trajectory: X is the live model at the end of the SWA run, so the pair costs one run.
+
+    Returns a tidy table: method, fraction, seed, domain, n, accuracy (every class in one group, "all").
+    """
+    from .data.folders import fraction_sample
+    from .evaluate import evaluate as _evaluate
+    from .methods import ALIASES, get_method
+    hparams = hparams or {}
+    classes = {"all": list(bench.train.classnames)}
+    resolved = {m: ALIASES.get(m, m) for m in methods}
+    shared = {m: next(s for s in methods if resolved[s] == f"{resolved[m]}+swa")
+              for m in methods if any(resolved[s] == f"{resolved[m]}+swa" for s in methods)}
+    runs = [(m, f, s) for f in fractions for s in seeds for m in methods if m not in shared]
+    tables = []
+    for name, fraction, seed in tqdm(runs, desc="runs", disable=not progress):
+        train = fraction_sample(bench.train, fraction, seed)
+        steps = num_steps if len(train) else 0
+        method = get_method(name, batch_size=batch_size, **hparams.get(name, {}))
+        run = finetune(model, method, train, tokenizer, num_steps=steps, seed=seed, device=device,
+                       progress=progress)
+        outputs = [(name, run.model, run.head)]
+        live = [m for m, swa in shared.items() if swa == name]
+        if live:
+            final = getattr(method, "live", None) or run
+            outputs.append((live[0], final.model, final.head))
+        for label, trained_model, head in outputs:
+            tables.append(_evaluate(trained_model, tokenizer, bench.test, groups=classes, head=head,
+                                    templates=method.hparams["templates"], method=label,
+                                    fraction=fraction, seed=seed).drop(columns="group"))
+    return pd.concat(tables, ignore_index=True)
+
+
+def dg_summary(results, train_domains):
+    """One row per (method, fraction, seed): id = mean accuracy over the source domains' test split, ood = mean
+    over the held-out domain(s)."""
+    keys = [k for k in ("method", "fraction", "seed") if k in results.columns]
+    source = results.domain.isin(train_domains)
+    return (results.assign(id=results.accuracy.where(source), ood=results.accuracy.where(~source))
+            .groupby(keys, sort=False)[["id", "ood"]].mean().reset_index())

@@ -11,7 +11,7 @@ method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from .averaging import BetaMovingAverage
+from .averaging import BetaMovingAverage, StochasticWeightAverage
 from .losses import cross_entropy_loss, mms_loss
 from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
 from .sparse import SCORE_STRATEGIES, SparseAdamW, parameter_scores, saft_mask
@@ -126,6 +126,13 @@ class MarginMetricSoftmax(FrozenTextMethod):
     name = "mms"
     HPARAMS = dict(lam=0.3, scale=100.0)
 
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        lam = self.hparams["lam"]
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+            raise ValueError(f"mms: lam is the margin weight and must be a number >= 0 (CLIPood uses 0.3, "
+                             f"0.1 in the wild; 0 is plain cross-entropy at scale 100); got {lam!r}")
+
     def loss(self, model, images, labels, indices):
         image_features = model.encode_image(images, normalize=True)
         return mms_loss(image_features, self.text_features, labels, self.hparams["lam"], self.hparams["scale"])
@@ -174,8 +181,19 @@ class BetaAverage(Modifier):
     name = "bma"
     MODIFIER_HPARAMS = dict(beta=0.5)
 
+    def __init__(self, base, **hparams):
+        super().__init__(base, **hparams)
+        beta = self.hparams["beta"]
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"bma: beta is the Beta(beta, beta) shape and must be a number > 0 (CLIPood uses "
+                             f"0.5, 0.1 for open classes); got {beta!r}")
+
+
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         super().setup(model, tokenizer, train_set, num_steps, seed)
+        if int(num_steps) != num_steps or num_steps < 1:
+            raise ValueError(f"bma: averages a trajectory of optimizer steps, so num_steps must be a positive "
+                             f"integer; got {num_steps!r}")
         self.average = BetaMovingAverage(model, beta=self.hparams["beta"], total_steps=num_steps)
 
     def after_step(self, model, step):
@@ -315,3 +333,88 @@ class SparseAdaptation(Modifier):
 register(EndToEndCrossEntropy)
 register(SparseAdaptation, MODIFIERS)
 ALIASES["saft"] = "ce+saft"
+
+
+class VisionOnly(Method):
+    """Paper 2's vision-only baseline: the same image encoder with a randomly initialized linear head over its
+    (L2-normalized) features, both trained with cross-entropy; no text at all, so new classes give NaN.
+
+    The head is an nn.Linear attached to the fine-tuned copy as the submodule `vision_only_head`, so the loop's
+    optimizer, weight averaging (e.g. "vision-only+swa") and the returned model all carry it. The head trains at
+    `head_lr` on features multiplied by `feature_scale` (features have unit norm, so a randomly initialized head
+    needs larger logits and a larger step than the encoder; the returned LinearHead folds the scale in)."""
+    name = "vision-only"
+    HPARAMS = dict(head_lr=1e-2, feature_scale=10.0)
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(model.visual.output_dim, len(train_set.classnames))
+        with torch.no_grad():  # nn.Linear's default init, drawn from the run's own seed
+            bound = 1 / head.in_features ** 0.5
+            head.weight.uniform_(-bound, bound, generator=generator)
+            head.bias.uniform_(-bound, bound, generator=generator)
+        model.vision_only_head = head.to(device)
+        self.classnames = list(train_set.classnames)
+
+    def trainable_parameters(self, model):
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(("visual.", "vision_only_head."))]
+
+    def make_optimizer(self, named_parameters):
+        head = [p for n, p in named_parameters if n.startswith("vision_only_head.")]
+        encoder = [p for n, p in named_parameters if not n.startswith("vision_only_head.")]
+        groups = [{"params": encoder}] + ([{"params": head, "lr": self.hparams["head_lr"]}] if head else [])
+        return torch.optim.AdamW(groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    def loss(self, model, images, labels, indices):
+        image_features = model.encode_image(images, normalize=True)
+        logits = model.vision_only_head(self.hparams["feature_scale"] * image_features)
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+    def finalize(self, model, history):
+        head = model.vision_only_head
+        weight = self.hparams["feature_scale"] * head.weight.detach().cpu()
+        return Trained(model, LinearHead(weight, head.bias.detach().cpu(), self.classnames),
+                       history, self)
+
+
+class StochasticWeightAveraging(Modifier):
+    """Paper 2's SWA: the model returned is the plain mean of the states after optimizer steps s with
+    s > floor(swa_start * T) and (s - floor(swa_start * T)) % swa_every == 0 (T steps in all), i.e. once per
+    `swa_every` steps over the last (1 - swa_start) of training, starting from a copy (the zero-shot weights are
+    not in the average). swa_every=None means one epoch of the training set (len // batch size steps), as in the
+    paper's code; if no step qualifies, the final state is the average. The learning rate keeps the loop's
+    cosine schedule (no SWALR constant phase: the loop owns one scheduler for every method). `swa_steps` lists
+    the averaged steps."""
+    name = "swa"
+    MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None)
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        super().setup(model, tokenizer, train_set, num_steps, seed)
+        start, every = self.hparams["swa_start"], self.hparams["swa_every"]
+        if not 0 <= start < 1:
+            raise ValueError(f"swa: swa_start is a fraction of training in [0, 1) (the paper uses 0.5); got {start!r}")
+        if every is None:
+            every = max(1, len(train_set) // max(1, min(self.hparams["batch_size"], len(train_set))))
+        if int(every) != every or every < 1:
+            raise ValueError(f"swa: swa_every must be a positive number of steps or None (one epoch); got {every!r}")
+        first = int(start * num_steps)
+        self.swa_steps = [s for s in range(first + 1, num_steps + 1) if (s - first) % int(every) == 0] \
+            or ([num_steps] if num_steps > 0 else [])
+        self.average = StochasticWeightAverage(model)
+
+    def after_step(self, model, step):
+        super().after_step(model, step)
+        if step + 1 in self.swa_steps:  # the loop's step is 0-based; s counts optimizer steps taken
+            self.average.update(model)
+
+    def finalize(self, model, history):
+        self.live = super().finalize(model, history)  # the last state too, so "X" and "X+swa" can share a run
+        if self.average.num_averaged == 0:  # no training happened (fraction 0 or num_steps 0)
+            return self.live
+        return super().finalize(self.average.module.eval(), history)
+
+
+register(VisionOnly)
+register(StochasticWeightAveraging, MODIFIERS)
+ALIASES["ce-swa"] = "ce+swa"

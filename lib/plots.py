@@ -137,3 +137,29 @@ def alpha_curves(table, metrics=("id", "domain_shift", "new"), reference=None, t
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     return fig
+
+
+def fraction_curves(table, metrics=("id", "ood"), reference=None, title="", labels=None):
+    """Accuracy vs percentage of training data, one panel per metric, one line per method with its 95 % CI band
+    (fill_between); `table` has columns method, fraction (0-1), seeds and metric / metric_ci (lib.evaluate.with_ci
+    per fraction). reference: {label: {metric: value}} drawn as dashed horizontal lines (e.g. zero-shot)."""
+    labels = labels or {"id": "ID (test split of the source domains)", "ood": "OOD (held-out domain)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False, sharey=True)
+    methods = list(dict.fromkeys(table["method"]))
+    palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    for ax, metric in zip(axes[0], metrics):
+        for method in methods:
+            rows = table[table.method == method].sort_values("fraction")
+            x, y = 100 * rows["fraction"], 100 * rows[metric]
+            half = 100 * np.nan_to_num(rows[f"{metric}_ci"].to_numpy(dtype=float))
+            ax.plot(x, y, "o-", color=palette[method], label=f"{method} (n={int(rows['seeds'].max())} seeds)", ms=4)
+            ax.fill_between(x, y - half, y + half, color=palette[method], alpha=0.2, linewidth=0)
+        for (label, values), style in zip((reference or {}).items(), ("--", ":", "-.")):
+            ax.axhline(100 * values[metric], color="gray", linestyle=style, linewidth=1, label=label)
+        ax.set_xlabel("training data used (% of the source-domain training split)")
+        ax.set_title(labels.get(metric, metric), fontsize=10)
+    axes[0][0].set_ylabel("accuracy (%, mean and 95 % CI over seeds)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,98 @@
+"""Paper 2's methods: SWA through the registry, end-to-end CE, the vision-only baseline, the fraction sweep."""
+import numpy as np
+import pytest
+import torch
+
+from lib import experiments, methods, models
+from lib.data import shapeworld as sw
+from lib.evaluate import evaluate
+from lib.train import finetune
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = models.build_mini().eval()
+    train = sw.make_split("unit-swa", domains=["photo", "sketch"], classes=sw.CLASSES[:4], n_per_class=4)
+    return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)
+
+
+def test_swa_is_the_mean_of_the_states_at_the_chosen_steps(setup, monkeypatch):
+    model, tokenizer, train = setup
+    recorded = {}
+    original = methods.EndToEndCrossEntropy.after_step
+
+    def record(self, model, step):  # the base's hook sees the live state after every optimizer step
+        original(self, model, step)
+        recorded[step + 1] = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    monkeypatch.setattr(methods.EndToEndCrossEntropy, "after_step", record)
+    method = methods.get_method("ce-swa", lr=1e-3, batch_size=8, warmup_steps=1, swa_start=0.5, swa_every=2)
+    trained = finetune(model, method, train, tokenizer, num_steps=10, progress=False)
+    assert method.swa_steps == [7, 9]  # s > 5 and (s - 5) % 2 == 0
+    assert set(recorded) == set(range(1, 11))
+    averaged = dict(trained.model.named_parameters())
+    for name, value in averaged.items():
+        expected = torch.stack([recorded[s][name] for s in (7, 9)]).mean(0)
+        torch.testing.assert_close(value, expected)
+    assert not torch.equal(averaged["visual.attnpool.c_proj.weight"], recorded[10]["visual.attnpool.c_proj.weight"])
+    # the live (last) state is kept too, for the sweep's shared trajectories
+    torch.testing.assert_close(dict(method.live.model.named_parameters())["logit_scale"], recorded[10]["logit_scale"])
+
+
+def test_swa_every_defaults_to_one_epoch_and_validates(setup):
+    model, tokenizer, train = setup  # 32 images, batch 8: one epoch is 4 steps
+    method = methods.get_method("ce+swa", batch_size=8)
+    method.setup(model, tokenizer, train, num_steps=16, seed=0)
+    assert method.swa_steps == [12, 16]
+    method = methods.get_method("ce+swa", batch_size=8, swa_every=100)
+    method.setup(model, tokenizer, train, num_steps=16, seed=0)
+    assert method.swa_steps == [16]  # nothing qualifies: the final state
+    with pytest.raises(ValueError, match="swa_start"):
+        methods.get_method("ce+swa", swa_start=1.0).setup(model, tokenizer, train, num_steps=4, seed=0)
+
+
+def test_ce_trains_both_encoders_and_logit_scale(setup):
+    model, tokenizer, train = setup
+    trained = finetune(model, "ce", train, tokenizer, num_steps=3, batch_size=8, lr=1e-3, warmup_steps=1,
+                       progress=False)
+    before, after = model.state_dict(), trained.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("visual.") for k in changed)
+    assert any(k.startswith("transformer.") for k in changed)
+    assert "logit_scale" in changed and "text_projection" in changed
+
+
+def test_vision_only_trains_its_head_and_gives_nan_on_new_classes(setup):
+    _, tokenizer, train = setup
+    model = models.load_clip("mini", device="cpu")[0]  # a random encoder maps every image to nearly one point
+    trained = finetune(model, "vision-only", train, tokenizer, num_steps=40, batch_size=16, lr=1e-3,
+                       warmup_steps=1, progress=False)
+    assert np.mean(trained.history[-5:]) < 0.7 * np.mean(trained.history[:5])
+    assert not any(k.startswith("vision_only_head") for k in model.state_dict())  # the caller's model is untouched
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, trained.model.state_dict()[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+    groups = {"seen": list(sw.CLASSES[:4]), "new": list(sw.CLASSES[4:8])}
+    test = sw.make_split("unit-swa-test", domains=["photo"], classes=sw.CLASSES[:8], n_per_class=3) \
+        .with_transform(models.mini_preprocess)
+    results = evaluate(trained.model, tokenizer, test, groups=groups, head=trained.head)
+    assert results.set_index("group").loc["new", "accuracy"] != results.set_index("group").loc["new", "accuracy"]
+    fitted = evaluate(trained.model, tokenizer, train, head=trained.head)
+    assert fitted.accuracy.mean() > 0.4  # it fits its own training images (chance: 0.25)
+    swa = finetune(model, "vision-only+swa", train, tokenizer, num_steps=4, batch_size=16, progress=False)
+    assert swa.head is not None and swa.head.weight.shape == (4, 128)
+
+
+def test_fraction_sweep_shares_the_swa_trajectory(setup):
+    model, tokenizer, _ = setup
+    bench = experiments.dg_benchmark("shapeworld", test_domain="painting", n_train_per_class=2, n_test_per_class=1)
+    bench = bench.with_transform(models.mini_preprocess)
+    assert bench.train_domains == ["photo", "sketch", "cartoon"] and set(bench.train.domains) == set(bench.train_domains)
+    results = experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa", "vision-only"], [0, 0.5],
+                                         seeds=[0], num_steps=2, batch_size=8, progress=False)
+    assert set(results.method) == {"ce", "ce-swa", "vision-only"}
+    assert len(results) == 3 * 2 * len(sw.DOMAINS)
+    zero = results[results.fraction == 0].pivot_table(index="domain", columns="method", values="accuracy")
+    assert (zero["ce"] == zero["ce-swa"]).all()  # fraction 0 is the zero-shot model for both
+    summary = experiments.dg_summary(results, bench.train_domains)
+    assert list(summary.columns) == ["method", "fraction", "seed", "id", "ood"] and len(summary) == 6
