@@ -6,10 +6,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-FIGURES = Path(os.environ.get("LAB_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
-METRIC_LABELS = {"id": "ID (train domain, base classes)", "domain_shift": "domain shift (other domains, base)",
-                 "new": "new classes (all domains)", "base": "base classes (all domains)",
-                 "hm": "harmonic mean (base, new)"}
+FIGURES = Path(os.environ.get("LAB_FIGURES") or Path(__file__).resolve().parent.parent / "figures")
+METRIC_LABELS = {"id": "ID\n(train domain, base)", "domain_shift": "domain shift\n(other domains, base)",
+                 "new": "new classes\n(all domains)", "base": "base classes\n(all domains)",
+                 "hm": "harmonic mean\n(base, new)"}
 sns.set_theme(style="whitegrid", context="notebook")
 
 
@@ -69,7 +69,7 @@ def metric_bars(table, metrics=("id", "domain_shift", "new"), title="", by="meth
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(title=by, fontsize=8, loc="lower left")
+    ax.legend(title=by, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
