@@ -13,8 +13,7 @@ FAST = dict(num_steps=4, batch_size=16, warmup_steps=1)
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = models.build_mini().eval()
+    model, _, _ = models.load_clip("mini", device="cpu")
     train = sw.make_split("unit-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
     return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)
 
