@@ -86,24 +86,26 @@ class BetaMovingAverage:
                 "the Beta weights are defined over the planned number of steps, so pass the true "
                 "number of optimizer steps to the constructor"
             )
-        live_params = dict(module.named_parameters())
-        avg_params = dict(self.module.named_parameters())
-        if live_params.keys() != avg_params.keys():
-            raise ValueError(
-                "update() got a module whose parameter names differ from the averaged copy: "
-                f"missing {sorted(avg_params.keys() - live_params.keys())[:5]}, "
-                f"unexpected {sorted(live_params.keys() - avg_params.keys())[:5]}"
-            )
+        live = self._matched(module)
         i = self.num_updates + 1
         w_i = float(self.weights[i])
         r = w_i / self._weight_sum
-        for name, avg in avg_params.items():
-            theta = live_params[name].detach().to(avg.device)
+        avgs, thetas = self._avg_params, [p.detach() for p in live]
+        fast = [k for k, a in enumerate(avgs) if a.dtype not in _LOW_PRECISION
+                and thetas[k].dtype == a.dtype and thetas[k].device == a.device]
+        if fast:
+            # In place, (avg + r*theta)/(1+r) written as a weighted sum, over all tensors at once (foreach
+            # kernels: the same per-element operations as a loop over tensors, without its per-tensor overhead).
+            fast_avgs = [avgs[k] for k in fast] if len(fast) < len(avgs) else avgs
+            fast_thetas = [thetas[k] for k in fast] if len(fast) < len(avgs) else thetas
+            torch._foreach_mul_(fast_avgs, 1.0 / (1.0 + r))
+            torch._foreach_add_(fast_avgs, fast_thetas, alpha=r / (1.0 + r))
+        for k in sorted(set(range(len(avgs))) - set(fast)):
+            avg = avgs[k]
+            theta = thetas[k].to(avg.device)
             if avg.dtype in _LOW_PRECISION:
-                new = (avg.float() + r * theta.float()) / (1.0 + r)
-                avg.copy_(new)
+                avg.copy_((avg.float() + r * theta.float()) / (1.0 + r))
             else:
-                # In place, (avg + r*theta)/(1+r) written as a weighted sum to avoid a temporary.
                 avg.mul_(1.0 / (1.0 + r)).add_(theta.to(avg.dtype), alpha=r / (1.0 + r))
         live_buffers = dict(module.named_buffers())
         for name, buf in self.module.named_buffers():
@@ -111,6 +113,24 @@ class BetaMovingAverage:
                 buf.copy_(live_buffers[name])
         self._weight_sum += w_i
         self.num_updates = i
+
+    def _matched(self, module: nn.Module) -> list:
+        """The live module's parameters in the averaged copy's order; names are checked once per module."""
+        if getattr(self, "_checked_module", None) is not module:
+            live_params = dict(module.named_parameters())
+            avg_params = dict(self.module.named_parameters())
+            if live_params.keys() != avg_params.keys():
+                raise ValueError(
+                    "update() got a module whose parameter names differ from the averaged copy: "
+                    f"missing {sorted(avg_params.keys() - live_params.keys())[:5]}, "
+                    f"unexpected {sorted(live_params.keys() - avg_params.keys())[:5]}"
+                )
+            self._names = list(avg_params)
+            self._avg_params = list(avg_params.values())
+            self._checked_module = module
+            return [live_params[n] for n in self._names]
+        live = list(module.parameters())  # same module object, so same names in the same order
+        return live
 
     def __repr__(self) -> str:
         return (
