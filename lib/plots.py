@@ -163,3 +163,34 @@ def fraction_curves(table, metrics=("id", "ood"), reference=None, title="", labe
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def bma_weight_figure(beta, total_steps, title=None):
+    """The figure behind notebook 01's beta slider: CLIPood's BMA weight of every state of the trajectory
+    (lib.averaging.beta_weights, normalized to sum 1), for one beta or a list of betas; returns the figure."""
+    from .averaging import beta_weights
+    betas = [beta] if isinstance(beta, (int, float)) else list(beta)
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for b, color in zip(betas, sns.color_palette("colorblind", len(betas))):
+        w = beta_weights(total_steps, b)
+        ax.plot(np.arange(total_steps + 1), 100 * w / w.sum(), color=color, label=f"beta = {b:g}")
+    ax.set_xlabel(f"optimizer step i (0 = zero-shot weights, {total_steps} = final)")
+    ax.set_ylabel("weight in the average (%)")
+    ax.set_title(title or "BMA: weight of each state of the trajectory")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def mms_margin_figure(text_features, classnames, lam, title=None):
+    """The figure behind notebook 01's lambda slider: the MMS margins lam * (1 - cos(t_i, t_j))
+    (lib.losses.mms_margins; row = true class, column = competing class) as a heatmap; returns the figure."""
+    from .losses import mms_margins
+    margins = mms_margins(text_features.float(), lam).cpu().numpy()
+    n = len(classnames)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * n, 1.0 + 0.5 * n))
+    sns.heatmap(margins, annot=True, fmt=".2f", cmap="magma", xticklabels=classnames, yticklabels=classnames,
+                ax=ax, annot_kws={"fontsize": 7}, cbar_kws={"label": "margin (cosine units; x scale in the logits)"})
+    ax.set_xlabel("competing class j")
+    ax.set_ylabel("true class i")
+    ax.set_title(title or f"MMS margins lam * (1 - cos(t_i, t_j)), lam = {lam:g}")
+    return fig
