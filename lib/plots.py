@@ -194,3 +194,18 @@ def mms_margin_figure(text_features, classnames, lam, title=None):
     ax.set_ylabel("true class i")
     ax.set_title(title or f"MMS margins lam * (1 - cos(t_i, t_j)), lam = {lam:g}")
     return fig
+
+
+def sweep_heatmaps(table, row, col, metrics=("id", "domain_shift", "new"), title=""):
+    """One heatmap per metric of accuracy (%) over a 2-D hyperparameter grid; `table` has columns row, col and
+    the metrics (0-1), one row per grid point (e.g. notebook 01's lambda x beta sweep)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        grid = table.pivot_table(index=row, columns=col, values=metric) * 100
+        sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "accuracy (%)"})
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        ax.set_xlabel(col)
+        ax.set_ylabel(row)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
