@@ -361,3 +361,24 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     if isinstance(optimizer, SparseAdamW):
         tensors += list(optimizer.selected_indices.values())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def one_batch_scores(model: torch.nn.Module, tokenizer, images: torch.Tensor, prompts: list[str],
+                     strategy: str = "gradient") -> dict[str, torch.Tensor]:
+    """Scores from ONE small image-text batch under CLIP's symmetric InfoNCE (image i pairs with prompt i).
+
+    Cheap enough for a CPU look at where a large model's selection falls (notebook 04 on ViT-B-16: four
+    224 px images and four prompts); from random weights that shows the layout only, not what a pretrained
+    model would select.
+    """
+    from .losses import contrastive_loss
+
+    device = next(model.parameters()).device
+    tokens = tokenizer(prompts).to(device)
+
+    def loss_fn(model, batch):
+        image_features = model.encode_image(batch.to(device), normalize=True)
+        text_features = model.encode_text(tokens, normalize=True)
+        return contrastive_loss(image_features, text_features, model.logit_scale.exp())
+
+    return parameter_scores(model, loss_fn, [images], strategy=strategy)

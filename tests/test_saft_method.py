@@ -150,3 +150,16 @@ def test_slider_function_counts_the_global_mask_per_layer():
     assert (all_of_them["count"] == all_of_them["total"]).all()
     with pytest.raises(ValueError, match="alpha"):
         plots.saft_alpha_figure(scores, 0.0)
+
+
+def test_one_batch_scores_cover_every_parameter_of_both_encoders():
+    from lib.sparse import one_batch_scores
+    torch.manual_seed(0)
+    model = models.build_mini().eval()
+    scores = one_batch_scores(model, models.mini_tokenizer(), torch.randn(4, 3, 32, 32),
+                              ["a photo of a star.", "a sketch of a ring.", "a photo of a cube.", "a heart."])
+    assert list(scores) == [n for n, _ in model.named_parameters()]
+    assert all(s.shape == p.shape for s, p in zip(scores.values(), model.parameters()))
+    assert scores["logit_scale"].item() > 0 and scores["visual.conv1.weight"].abs().sum() > 0
+    assert scores["transformer.resblocks.0.attn.in_proj_weight"].abs().sum() > 0
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # .grad fields left alone
