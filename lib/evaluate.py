@@ -58,13 +58,13 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
     domains, mean over domains), new (new classes, mean over all domains), base (base classes, mean over all
     domains) and hm, the harmonic mean of base and new."""
     keys = [k for k in ("method", "seed") if k in results.columns]
-    seen = results.domain.isin(train_domains)
 
     def per_run(frame):
         base = frame[frame.group == base_group]
         new = frame[frame.group == new_group]
-        out = {"id": base[seen.loc[base.index]].accuracy.mean(),
-               "domain_shift": base[~seen.loc[base.index]].accuracy.mean(),
+        seen = base.domain.isin(train_domains)
+        out = {"id": base[seen].accuracy.mean(),
+               "domain_shift": base[~seen].accuracy.mean(),
                "base": base.accuracy.mean(),
                "new": new.accuracy.mean() if len(new) else np.nan}
         out["hm"] = harmonic_mean(out["base"], out["new"])

@@ -73,7 +73,7 @@ def test_summarize_by_hand():
         for (domain, group), value in accuracy.items():
             rows.append({"method": "ft", "seed": seed, "domain": domain, "group": group, "n": 10,
                          "accuracy": value + seed * 0.01})
-    summary = summarize(pd.DataFrame(rows), train_domains=["photo"])
+    summary = summarize(pd.concat([pd.DataFrame(rows[:6]), pd.DataFrame(rows[6:])]), train_domains=["photo"])
     first = summary.iloc[0]
     assert first.id == pytest.approx(0.9)
     assert first.domain_shift == pytest.approx(0.4)
