@@ -10,7 +10,7 @@ from .train import finetune
 # What "smoke" (tests), "default" (committed notebooks, CPU minutes) and "paper" (a GPU) mean.
 BUDGETS = {
     "smoke": dict(n_train_per_class=8, n_test_per_class=4, num_steps=6, batch_size=16),
-    "default": dict(n_train_per_class=32, n_test_per_class=25, num_steps=150, batch_size=64),
+    "default": dict(n_train_per_class=64, n_test_per_class=50, num_steps=150, batch_size=64),
     "paper": dict(n_train_per_class=None, n_test_per_class=100, num_steps=2000, batch_size=128),
 }
 
