@@ -123,13 +123,16 @@ def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=
     dropout cannot make the embeddings random) and without gradients; the model's training flag is restored.
     device is where the tokens go; None means the device of the model's parameters.
 
+    The last few results are also kept in memory under the same key (runs of a sweep share one corpus).
     With cache_path, the file stores the embeddings with a key: a hash of the texts and of every parameter and
     buffer outside the image tower (names starting with "visual."), which encode_text never reads. A file whose
     key differs (other texts, or a text tower with different weights) is recomputed and overwritten, so a stale
     cache is never used, while fine-tuning only the image encoder keeps the cache valid.
     """
     texts = list(texts)
-    key = _cache_key(model, texts) if cache_path is not None else None
+    key = _cache_key(model, texts)
+    if key in _RECENT_EMBEDDINGS:
+        return _RECENT_EMBEDDINGS[key]
     if cache_path is not None and os.path.exists(cache_path):
         cached = torch.load(cache_path, weights_only=True)
         if cached["key"] == key:
@@ -149,7 +152,17 @@ def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=
     if cache_path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         torch.save({"key": key, "embeddings": embeddings}, cache_path)
+    _remember(key, embeddings)
     return embeddings
+
+
+_RECENT_EMBEDDINGS = {}  # key -> embeddings, so a sweep of runs from one pre-trained model embeds its corpus once
+
+
+def _remember(key, embeddings, keep=4):
+    _RECENT_EMBEDDINGS[key] = embeddings
+    while len(_RECENT_EMBEDDINGS) > keep:
+        _RECENT_EMBEDDINGS.pop(next(iter(_RECENT_EMBEDDINGS)))
 
 
 def _cache_key(model, texts):
@@ -235,6 +248,56 @@ class FileCaptioner:
             shown = "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
             raise ValueError(f"{self.path} has no caption for {len(missing)} of {len(paths)} images:\n  {shown}")
         return [self.captions[p] for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------- candidates
+class CandidateCorpus:
+    """A web-like corpus of image-text pairs to retrieve anchors from: every caption up front (retrieval
+    searches caption embeddings), images only for the pairs that are found (`pairs`).
+
+    ShapeWorld: `CandidateCorpus.shapeworld(n)`, the web corpus stream "candidates", disjoint from mini-CLIP's
+    pretraining stream. Real data: `CandidateCorpus.from_csv(path)`, a CSV with columns `path,caption` (relative
+    paths are taken relative to the CSV's folder), e.g. a folder of web images with their alt-text.
+    """
+
+    def __init__(self, captions, make_pairs):
+        self.captions = list(captions)
+        self._make_pairs = make_pairs
+
+    def __len__(self):
+        return len(self.captions)
+
+    def pairs(self, indices):
+        """An ImageSet of the pairs at `indices` (in that order), with their captions."""
+        return self._make_pairs(np.asarray(indices, dtype=np.int64))
+
+    @classmethod
+    def shapeworld(cls, n=20_000, seed=0, noise=0.1):
+        scenes, captions = shapeworld.web_captions(n, seed, stream="candidates", noise=noise)
+        return cls(captions, lambda idx: shapeworld.render_corpus(shapeworld.subset_scenes(scenes, idx),
+                                                                  [captions[i] for i in idx]))
+
+    @classmethod
+    def from_csv(cls, path):
+        from .data.imageset import ImageSet
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No candidate corpus at {path}: give a CSV with columns 'path,caption' (image "
+                                    f"paths relative to the CSV's folder), one row per web image-text pair.")
+        folder = os.path.dirname(os.path.abspath(path))
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if not {"path", "caption"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path} needs the columns 'path' and 'caption'; found {reader.fieldnames}.")
+            rows = [(os.path.join(folder, row["path"]), row["caption"]) for row in reader]
+        if not rows:
+            raise ValueError(f"{path} lists no image-text pairs.")
+        images, captions = zip(*rows)
+
+        def make_pairs(idx):
+            return ImageSet([images[i] for i in idx], torch.zeros(len(idx), dtype=torch.long), ["anchor"],
+                            ["web"] * len(idx), [captions[i] for i in idx])
+        return cls(captions, make_pairs)
 
 
 # ----------------------------------------------------------------------------------------------- retrieved anchors

@@ -8,6 +8,8 @@ method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
     >>> method.hparams["lr"]
     3e-05
 """
+import math
+
 import torch
 from sklearn.linear_model import LogisticRegression
 
@@ -418,3 +420,112 @@ class StochasticWeightAveraging(Modifier):
 register(VisionOnly)
 register(StochasticWeightAveraging, MODIFIERS)
 ALIASES["ce-swa"] = "ce+swa"
+
+
+class ContrastiveFineTune(Method):
+    """FLYP (Goyal et al., 2023): fine-tune as CLIP was pretrained. Each training image is paired with a prompt
+    of its class name (one of the templates, drawn per example) and the symmetric InfoNCE of the batch, at the
+    model's own logit_scale, trains both encoders (and the scale). Two images of one class in a batch make their
+    prompts duplicates that count as negatives: FLYP's choice, kept.
+
+    ARF (Han et al., CVPR 2024) adds two contrastive anchor terms to the same batch, L = L_CL + cap_weight * L_Cap
+    + ret_weight * L_Ret; `flyp` is ARF with both weights 0. ARF has no public code; our choices:
+    - L_Cap (text-compensated anchors): the batch's own images against rich captions from `captioner`
+      (lib.anchors.ShapeWorldCaptioner(caption_noise) on ShapeWorld; a caption CSV (lib.anchors.FileCaptioner)
+      for real data), sharing the image features of L_CL.
+    - L_Ret (retrieved anchors): before training, the frozen model embeds the candidate corpus's captions and each
+      training image's k nearest captions are found by exact kNN (lib.anchors.retrieve); at every step each
+      image among the first anchor_fraction of the batch brings one of its k neighbours, drawn at random, so a
+      batch of B images has round(anchor_fraction * B) retrieved pairs (fewer pairs, cheaper steps).
+      `candidates` is a lib.anchors.CandidateCorpus, a CSV path, or None for ShapeWorld's candidate stream
+      of `num_candidates` pairs.
+    """
+    name = "flyp"
+    HPARAMS = dict(cap_weight=0.0, ret_weight=0.0, caption_noise=0.0, captions=None, candidates=None,
+                   num_candidates=20_000, k=8, anchor_fraction=1.0)
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        for weight in ("cap_weight", "ret_weight"):
+            value = self.hparams[weight]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{self.name}: {weight} weighs an anchor loss and must be a number >= 0; got {value!r}")
+        if not 0 < self.hparams["anchor_fraction"] <= 1:
+            raise ValueError(f"{self.name}: anchor_fraction is the share of a batch's images that bring a retrieved "
+                             f"pair, in (0, 1]; got {self.hparams['anchor_fraction']!r}")
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        from . import anchors
+        device = next(model.parameters()).device
+        self.tokenizer, self.device = tokenizer, device
+        templates = self.hparams["templates"]
+        self.prompts = [[t.format(c) for t in templates] for c in train_set.classnames]
+        self.generator = torch.Generator().manual_seed(seed + 20_000)
+        if self.hparams["cap_weight"]:
+            captioner = (anchors.FileCaptioner(self.hparams["captions"]) if self.hparams["captions"]
+                         else anchors.ShapeWorldCaptioner(self.hparams["caption_noise"], seed=seed))
+            self.captions = captioner(train_set)
+        if self.hparams["ret_weight"]:
+            corpus = self.hparams["candidates"]
+            if corpus is None:
+                corpus = anchors.CandidateCorpus.shapeworld(self.hparams["num_candidates"])
+            elif not isinstance(corpus, anchors.CandidateCorpus):
+                corpus = anchors.CandidateCorpus.from_csv(corpus)
+            text_features = anchors.cached_text_embeddings(model, tokenizer, corpus.captions, device=device)
+            neighbours = anchors.retrieve_anchors(encode_images(model, train_set), text_features,
+                                                  min(self.hparams["k"], len(corpus)))
+            # Render or load only the pairs that were found; neighbours index into that subset.
+            found, self.neighbours = neighbours.unique(return_inverse=True)
+            self.anchor_set = corpus.pairs(found.numpy()).with_transform(train_set.transform)
+
+    def trainable_parameters(self, model):
+        return list(model.named_parameters())
+
+    def _text(self, model, texts):
+        return model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)
+
+    def loss(self, model, images, labels, indices):
+        from .anchors import anchor_pairs
+        from .losses import contrastive_loss
+        scale = model.logit_scale.exp()
+        image_features = model.encode_image(images, normalize=True)
+        choice = torch.randint(len(self.hparams["templates"]), (len(labels),), generator=self.generator)
+        prompts = [self.prompts[y][t] for y, t in zip(labels.tolist(), choice.tolist())]
+        loss = contrastive_loss(image_features, self._text(model, prompts), scale)
+        if self.hparams["cap_weight"]:
+            captions = [self.captions[i] for i in indices.tolist()]
+            loss = loss + self.hparams["cap_weight"] * contrastive_loss(
+                image_features, self._text(model, captions), scale)
+        if self.hparams["ret_weight"]:
+            count = max(1, round(self.hparams["anchor_fraction"] * len(indices)))
+            pairs = anchor_pairs(indices[:count], self.neighbours, self.anchor_set, self.generator)
+            anchor_features = model.encode_image(pairs.images.to(self.device), normalize=True)
+            loss = loss + self.hparams["ret_weight"] * contrastive_loss(
+                anchor_features, self._text(model, pairs.captions), scale)
+        return loss
+
+    def after_step(self, model, step):
+        with torch.no_grad():  # CLIP's clamp, as in pretraining: the scale trains here
+            model.logit_scale.clamp_(0, math.log(100))
+
+
+class AnchorRobustFineTune(ContrastiveFineTune):
+    """ARF: FLYP plus caption anchors and retrieved anchors (L_CL + L_Cap + L_Ret)."""
+    name = "arf"
+    HPARAMS = dict(cap_weight=1.0, ret_weight=1.0)
+
+
+class CaptionAnchors(ContrastiveFineTune):
+    """The ablation FLYP + caption anchors only (L_CL + L_Cap)."""
+    name = "arf-cap"
+    HPARAMS = dict(cap_weight=1.0)
+
+
+class RetrievedAnchors(ContrastiveFineTune):
+    """The ablation FLYP + retrieved anchors only (L_CL + L_Ret)."""
+    name = "arf-ret"
+    HPARAMS = dict(ret_weight=1.0)
+
+
+for _method in (ContrastiveFineTune, AnchorRobustFineTune, CaptionAnchors, RetrievedAnchors):
+    register(_method)

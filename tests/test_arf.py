@@ -1,0 +1,118 @@
+"""ARF and FLYP (lib.methods.ContrastiveFineTune and its anchor variants) and the candidate corpus."""
+import pytest
+import torch
+
+from lib import anchors, methods, models
+from lib.data import shapeworld as sw
+from lib.losses import contrastive_loss
+from lib.train import finetune, set_seed
+
+ONE_TEMPLATE = ("{}",)  # the prompt of a class is its name, so a test can write the texts FLYP pairs with
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = models.build_mini().eval()
+    train = sw.make_split("unit-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
+    return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)
+
+
+def batch_loss(method, model, tokenizer, train, indices):
+    """The method's loss on the training items `indices`, after its setup, with a fixed seed."""
+    method.setup(model, tokenizer, train, num_steps=1, seed=0)
+    images = torch.stack([train[i][0] for i in indices])
+    labels = train.labels[indices]
+    set_seed(0)
+    return method.loss(model, images, labels, torch.as_tensor(indices)), images, labels
+
+
+def test_flyp_is_the_clip_loss_between_images_and_class_prompts(setup):
+    model, tokenizer, train = setup
+    indices = [0, 5, 9, 14, 23]
+    loss, images, labels = batch_loss(methods.get_method("flyp", templates=ONE_TEMPLATE), model, tokenizer, train,
+                                      indices)
+    texts = [train.classnames[y] for y in labels]
+    expected = contrastive_loss(model.encode_image(images, normalize=True),
+                                model.encode_text(tokenizer(texts), normalize=True), model.logit_scale.exp())
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0, 2.0])
+def test_caption_anchors_reduce_to_the_clip_loss_when_captions_are_the_class_prompts(setup, weight):
+    model, tokenizer, train = setup
+    indices = [1, 6, 11, 20]
+    flyp, _, _ = batch_loss(methods.get_method("flyp", templates=ONE_TEMPLATE), model, tokenizer, train, indices)
+    method = methods.get_method("arf-cap", templates=ONE_TEMPLATE, cap_weight=weight)
+    method.setup(model, tokenizer, train, num_steps=1, seed=0)
+    method.setup = lambda *args, **kwargs: None  # keep the captions set below
+    method.captions = [train.classnames[y] for y in train.labels]
+    anchored, _, _ = batch_loss(method, model, tokenizer, train, indices)
+    torch.testing.assert_close(anchored, (1 + weight) * flyp)
+
+
+def test_retrieved_anchors_reduce_to_the_clip_loss_when_each_anchor_is_the_image_itself(setup):
+    model, tokenizer, train = setup
+    indices = [2, 7, 13, 19]
+    flyp, _, _ = batch_loss(methods.get_method("flyp", templates=ONE_TEMPLATE), model, tokenizer, train, indices)
+    method = methods.get_method("arf-ret", templates=ONE_TEMPLATE, ret_weight=2.0, num_candidates=50, k=1)
+    method.setup(model, tokenizer, train, num_steps=1, seed=0)
+    method.setup = lambda *args, **kwargs: None
+    method.neighbours = torch.arange(len(train))[:, None]
+    method.anchor_set = sw.make_split("unit-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4) \
+        .with_transform(models.mini_preprocess)
+    method.anchor_set.captions = [train.classnames[y] for y in train.labels]
+    anchored, _, _ = batch_loss(method, model, tokenizer, train, indices)
+    torch.testing.assert_close(anchored, 3.0 * flyp)
+
+
+def test_retrieved_anchors_are_the_exact_nearest_captions_of_the_frozen_model(setup):
+    model, tokenizer, train = setup
+    corpus = anchors.CandidateCorpus.shapeworld(300)
+    method = methods.get_method("arf-ret", candidates=corpus, k=3)
+    method.setup(model, tokenizer, train, num_steps=1, seed=0)
+    with torch.no_grad():
+        text = model.encode_text(tokenizer(corpus.captions), normalize=True)
+        image = models.encode_images(model, train)
+    expected = (image @ text.T).topk(3, dim=1).indices
+    found = [[method.anchor_set.captions[j] for j in row] for row in method.neighbours.tolist()]
+    assert found == [[corpus.captions[j] for j in row] for row in expected.tolist()]
+
+
+def test_candidate_pairs_are_the_web_corpus_items():
+    corpus = anchors.CandidateCorpus.shapeworld(40, seed=2)
+    whole = sw.web_corpus(40, seed=2, stream="candidates")
+    pairs = corpus.pairs([31, 4])
+    assert torch.equal(pairs.images, whole.images[[31, 4]])
+    assert pairs.captions == [whole.captions[31], whole.captions[4]] == [corpus.captions[31], corpus.captions[4]]
+
+
+def test_candidate_csv_loads_images_relative_to_the_file(tmp_path):
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "pairs.csv").write_text("path,caption\nimg/a.png,a red square\n")
+    corpus = anchors.CandidateCorpus.from_csv(tmp_path / "pairs.csv")
+    pairs = corpus.pairs([0])
+    assert corpus.captions == ["a red square"] and pairs.load(0).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(FileNotFoundError, match="path,caption"):
+        anchors.CandidateCorpus.from_csv(tmp_path / "missing.csv")
+    (tmp_path / "bad.csv").write_text("file,text\nimg/a.png,x\n")
+    with pytest.raises(ValueError, match="columns 'path' and 'caption'"):
+        anchors.CandidateCorpus.from_csv(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("name, hparams", [("arf", dict(cap_weight=-1.0)), ("flyp", dict(ret_weight="1"))])
+def test_anchor_weights_must_be_non_negative_numbers(name, hparams):
+    with pytest.raises(ValueError, match="must be a number >= 0"):
+        methods.get_method(name, **hparams)
+
+
+def test_arf_trains_both_encoders_and_keeps_the_scale_clamped(setup):
+    model, tokenizer, train = setup
+    trained = finetune(model, "arf", train, tokenizer, progress=False, num_steps=3, batch_size=8, lr=1e-3,
+                       warmup_steps=1, num_candidates=200)
+    before, after = model.state_dict(), trained.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"visual", "transformer"} <= changed
+    assert 0 <= trained.model.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
