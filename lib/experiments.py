@@ -1,4 +1,5 @@
 """Running methods over seeds on a benchmark, at a named budget, into one tidy results table."""
+import copy
 import os
 
 import pandas as pd
@@ -121,3 +122,22 @@ def dg_summary(results, train_domains):
     source = results.domain.isin(train_domains)
     return (results.assign(id=results.accuracy.where(source), ood=results.accuracy.where(~source))
             .groupby(keys, sort=False)[["id", "ood"]].mean().reset_index())
+
+
+def wise_ft_curves(model, tokenizer, bench, finetuned, alphas, templates):
+    """WiSE-FT trade-off curves: for every {label: fine-tuned model} in `finetuned`, the summary metrics (id,
+    domain_shift, base, new, hm) of wise_ft(pre-trained, fine-tuned, alpha) at each alpha. Returns a table with
+    columns method, alpha and the metrics. `model` is the pre-trained model (theta_0); it is not modified."""
+    from .averaging import wise_ft_sweep
+    from .evaluate import summarize
+    theta_0 = model.state_dict()
+    tables = []
+    for label, tuned in finetuned.items():
+        work = copy.deepcopy(tuned).eval()
+
+        def metrics(interpolated):
+            results = evaluate(interpolated, tokenizer, bench.test, groups=bench.groups, templates=templates)
+            return summarize(results.assign(method=label), bench.train_domains).drop(columns="method")
+        tables.append(wise_ft_sweep(work, theta_0, tuned.state_dict(), alphas, metrics).assign(method=label))
+    table = pd.concat(tables, ignore_index=True)
+    return table[["method", "alpha"] + [c for c in table.columns if c not in ("method", "alpha")]]

@@ -436,13 +436,14 @@ class ContrastiveFineTune(Method):
     - L_Ret (retrieved anchors): before training, the frozen model embeds the candidate corpus's captions and each
       training image's k nearest captions are found by exact kNN (lib.anchors.retrieve); at every step each
       image among the first anchor_fraction of the batch brings one of its k neighbours, drawn at random, so a
-      batch of B images has round(anchor_fraction * B) retrieved pairs (fewer pairs, cheaper steps).
+      batch of B images has round(anchor_fraction * B) retrieved pairs. Default 0.5: on ShapeWorld, 0.5 and 1.0
+      gave the same accuracy (one seed) and 0.5 makes a step about 30 % cheaper.
       `candidates` is a lib.anchors.CandidateCorpus, a CSV path, or None for ShapeWorld's candidate stream
       of `num_candidates` pairs.
     """
     name = "flyp"
     HPARAMS = dict(cap_weight=0.0, ret_weight=0.0, caption_noise=0.0, captions=None, candidates=None,
-                   num_candidates=20_000, k=8, anchor_fraction=1.0)
+                   num_candidates=20_000, k=8, anchor_fraction=0.5)
 
     def __init__(self, **hparams):
         super().__init__(**hparams)

@@ -1,5 +1,6 @@
 """The project's figures (matplotlib + seaborn), each saved to figures/ as PNG when given a path."""
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -209,3 +210,50 @@ def sweep_heatmaps(table, row, col, metrics=("id", "domain_shift", "new"), title
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def wise_ft_figure(table, x_metrics=("domain_shift", "new"), title="WiSE-FT: interpolating towards zero-shot"):
+    """ID accuracy against each OOD metric along WiSE-FT curves (lib.experiments.wise_ft_curves), one line per
+    method from alpha = 0 (zero-shot, a star) to alpha = 1 (the fine-tuned model, a square)."""
+    fig, axes = plt.subplots(1, len(x_metrics), figsize=(5.2 * len(x_metrics), 4), squeeze=False)
+    methods = list(dict.fromkeys(table["method"]))
+    palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    for ax, metric in zip(axes[0], x_metrics):
+        for method in methods:
+            rows = table[table.method == method].sort_values("alpha")
+            x, y = 100 * rows[metric].to_numpy(), 100 * rows["id"].to_numpy()
+            ax.plot(x, y, "o-", color=palette[method], label=method, ms=4)
+            ax.plot(x[-1], y[-1], "s", color=palette[method], ms=8)
+            ax.plot(x[0], y[0], "*", color="black", ms=12)
+        ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric).replace(chr(10), ' ')} accuracy (%)")
+        ax.set_ylabel("ID accuracy (%)")
+    axes[0][0].plot([], [], "*", color="black", label="alpha = 0 (zero-shot)")
+    axes[0][0].plot([], [], "s", color="gray", label="alpha = 1 (fine-tuned)")
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def anchor_examples(train_set, captions, neighbours, anchor_set, rows=4, shown=3, title=None):
+    """ARF's anchors for a few training images (like the paper's Figure 5): each row is a training image with
+    its caption anchor, then its `shown` nearest retrieved pairs (image and caption). Images are the raw ones
+    (ImageSet.load), so pass the sets before or after a transform alike."""
+    picks = np.linspace(0, len(train_set) - 1, rows).astype(int)
+    fig, axes = plt.subplots(rows, 1 + shown, figsize=(3.1 * (1 + shown), 2.5 * rows), squeeze=False)
+    for r, i in enumerate(picks):
+        cells = [(train_set, int(i), f"training image\n{_wrap(captions[i])}")]
+        cells += [(anchor_set, int(j), f"retrieved #{n + 1}\n{_wrap(anchor_set.captions[j])}")
+                  for n, j in enumerate(neighbours[i, :shown].tolist())]
+        for ax, (dataset, index, label) in zip(axes[r], cells):
+            image = dataset.load(index)
+            ax.imshow(image.permute(1, 2, 0).numpy() if hasattr(image, "permute") else image, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlabel(label, fontsize=7)
+    fig.suptitle(title or "ARF anchors: caption anchor (left) and retrieved image-text pairs")
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text, width=34):
+    return "\n".join(textwrap.wrap(text, width))

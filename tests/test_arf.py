@@ -51,11 +51,15 @@ def test_caption_anchors_reduce_to_the_clip_loss_when_captions_are_the_class_pro
     torch.testing.assert_close(anchored, (1 + weight) * flyp)
 
 
-def test_retrieved_anchors_reduce_to_the_clip_loss_when_each_anchor_is_the_image_itself(setup):
+@pytest.mark.parametrize("anchor_fraction, count", [(1.0, 4), (0.5, 2)])
+def test_retrieved_anchors_reduce_to_the_clip_loss_when_each_anchor_is_the_image_itself(setup, anchor_fraction,
+                                                                                      count):
     model, tokenizer, train = setup
     indices = [2, 7, 13, 19]
-    flyp, _, _ = batch_loss(methods.get_method("flyp", templates=ONE_TEMPLATE), model, tokenizer, train, indices)
-    method = methods.get_method("arf-ret", templates=ONE_TEMPLATE, ret_weight=2.0, num_candidates=50, k=1)
+    flyp, images, labels = batch_loss(methods.get_method("flyp", templates=ONE_TEMPLATE), model, tokenizer, train,
+                                      indices)
+    method = methods.get_method("arf-ret", templates=ONE_TEMPLATE, ret_weight=2.0, num_candidates=50, k=1,
+                                anchor_fraction=anchor_fraction)
     method.setup(model, tokenizer, train, num_steps=1, seed=0)
     method.setup = lambda *args, **kwargs: None
     method.neighbours = torch.arange(len(train))[:, None]
@@ -63,7 +67,13 @@ def test_retrieved_anchors_reduce_to_the_clip_loss_when_each_anchor_is_the_image
         .with_transform(models.mini_preprocess)
     method.anchor_set.captions = [train.classnames[y] for y in train.labels]
     anchored, _, _ = batch_loss(method, model, tokenizer, train, indices)
-    torch.testing.assert_close(anchored, 3.0 * flyp)
+    # The first `count` images of the batch bring themselves with their class name as the retrieved pair.
+    texts = [train.classnames[y] for y in labels[:count]]
+    retrieved = contrastive_loss(model.encode_image(images[:count], normalize=True),
+                                 model.encode_text(tokenizer(texts), normalize=True), model.logit_scale.exp())
+    torch.testing.assert_close(anchored, flyp + 2.0 * retrieved)
+    if count == len(indices):
+        torch.testing.assert_close(anchored, 3.0 * flyp)
 
 
 def test_retrieved_anchors_are_the_exact_nearest_captions_of_the_frozen_model(setup):
@@ -116,3 +126,35 @@ def test_arf_trains_both_encoders_and_keeps_the_scale_clamped(setup):
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert {"visual", "transformer"} <= changed
     assert 0 <= trained.model.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
+
+
+def test_wise_ft_curves_end_at_the_zero_shot_and_the_fine_tuned_model(setup):
+    from lib import experiments
+    from lib.data import load_benchmark
+    from lib.evaluate import evaluate, summarize
+    _, tokenizer, _ = setup
+    model = models.load_clip("mini", device="cpu")[0]  # pre-trained, so that fine-tuning changes accuracy
+    bench = load_benchmark("shapeworld", None, ["photo"], 4, 2).with_transform(models.mini_preprocess)
+    tuned = finetune(model, "ft", bench.train, tokenizer, progress=False, num_steps=3, batch_size=8, lr=1e-2).model
+    curves = experiments.wise_ft_curves(model, tokenizer, bench, {"ft": tuned}, [0.0, 0.5, 1.0],
+                                        models.SHAPEWORLD_TEMPLATES)
+    assert list(curves.alpha) == [0.0, 0.5, 1.0] and set(curves.method) == {"ft"}
+    for alpha, endpoint in ((0.0, model), (1.0, tuned)):
+        expected = summarize(evaluate(endpoint, tokenizer, bench.test, groups=bench.groups).assign(method="x"),
+                             bench.train_domains).iloc[0]
+        row = curves[curves.alpha == alpha].iloc[0]
+        assert all(row[m] == pytest.approx(expected[m]) for m in ("id", "domain_shift", "new"))
+    assert not (curves[curves.alpha == 0.0][["id", "new"]].to_numpy() ==
+                curves[curves.alpha == 1.0][["id", "new"]].to_numpy()).all()
+
+
+def test_anchor_examples_show_each_training_image_with_its_neighbours(setup):
+    import matplotlib.pyplot as plt
+    from lib import plots
+    _, _, train = setup
+    neighbours = torch.tensor([[3, 1, 2]] * len(train))
+    fig = plots.anchor_examples(train, train.captions, neighbours, train, rows=2, shown=3)
+    labels = [ax.get_xlabel() for ax in fig.axes]
+    assert len(fig.axes) == 8 and labels[1].startswith("retrieved #1") and "\n" in labels[0]
+    assert labels[1].replace("\n", " ").endswith(train.captions[3])
+    plt.close(fig)

@@ -15,12 +15,7 @@ from lib.train import finetune
 FAST = dict(num_steps=3, batch_size=12, warmup_steps=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

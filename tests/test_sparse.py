@@ -20,13 +20,7 @@ from lib.sparse import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """These models are tiny: a second torch thread only adds waiting, badly so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
 
 def random_scores(sizes, seed=0, distinct_values=None):
