@@ -257,3 +257,26 @@ def anchor_examples(train_set, captions, neighbours, anchor_set, rows=4, shown=3
 
 def _wrap(text, width=34):
     return "\n".join(textwrap.wrap(text, width))
+
+
+def id_ood_scatter(table, x_metrics=("domain_shift", "new"), title="every method: ID against OOD accuracy"):
+    """One point per method with 95 % CI bars on both axes (a lib.evaluate.with_ci table): ID accuracy against
+    each OOD metric. Up and to the right is better; the zero-shot point, when present, is a black star."""
+    fig, axes = plt.subplots(1, len(x_metrics), figsize=(5.6 * len(x_metrics), 4.4), squeeze=False)
+    methods = list(table["method"])
+    palette = dict(zip(methods, sns.color_palette("husl", len(methods))))
+    for ax, metric in zip(axes[0], x_metrics):
+        for row in table.itertuples():
+            x, y = 100 * getattr(row, metric), 100 * row.id
+            if np.isnan(x):
+                continue
+            style = dict(marker="*", ms=14, color="black") if row.method == "zeroshot" else \
+                dict(marker="o", ms=6, color=palette[row.method])
+            ax.errorbar(x, y, xerr=100 * np.nan_to_num(getattr(row, f"{metric}_ci")),
+                        yerr=100 * np.nan_to_num(row.id_ci), capsize=2, linestyle="none", label=row.method, **style)
+            ax.annotate(row.method, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric).replace(chr(10), ' ')} accuracy (%)")
+        ax.set_ylabel("ID accuracy (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .models import autocast, pick_device
@@ -76,6 +77,12 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
 
     method: a registry name ("ft", "mms+bma", ...) or a Method; hparams override the method's defaults.
     Returns a Trained; the caller's model is never modified.
+
+    Data-parallel under torch.distributed (torchrun; nccl on GPUs, gloo on the CPU): every rank draws the same
+    global batch, computes the loss on its 1/world_size share, and gradients are averaged across ranks before the
+    method's hooks and clipping. For losses that are means over examples (ft, mms, ce, ...) a step is then the
+    single-process step on the global batch, up to float rounding. Batch-coupled losses (the contrastive loss of
+    flyp and arf) see only their share's negatives, as open_clip's training does without gathering features.
     """
     from .methods import get_method  # methods import this module for set_seed and friends
     method = get_method(method, **hparams) if isinstance(method, str) else method
@@ -94,15 +101,22 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     optimizer = method.make_optimizer(named)
     scheduler = cosine_schedule(optimizer, num_steps, method.hparams["warmup_steps"])
     params = [p for _, p in named]
-    batches = _batches(train_set, method.hparams["batch_size"], seed, num_workers)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batch_size = min(method.hparams["batch_size"], len(train_set))
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not split over {world} processes; choose a multiple.")
+    batches = _batches(train_set, batch_size, seed, num_workers)
     history = []
     train_mode(model)
-    for step in tqdm(range(num_steps), desc=f"{method.name} (seed {seed})", disable=not progress, leave=False):
-        images, labels, indices = next(batches)
+    for step in tqdm(range(num_steps), desc=f"{method.name} (seed {seed})", disable=not progress or rank > 0,
+                     leave=False):
+        images, labels, indices = (part[rank::world] for part in next(batches))
         with autocast(device):
             loss = method.loss(model, images.to(device), labels.to(device), indices)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            loss = _average_over_ranks(loss.detach(), [p.grad for p in params if p.grad is not None])
         method.before_clip(model)
         if method.hparams["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(params, method.hparams["grad_clip"])
@@ -111,3 +125,12 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
         method.after_step(model, step)
         history.append(loss.item())
     return method.finalize(model.eval(), history)
+
+
+def _average_over_ranks(loss, grads):
+    """Average the gradients (in place) and the loss over all ranks; returns the averaged loss."""
+    world = dist.get_world_size()
+    for tensor in [loss, *grads]:
+        dist.all_reduce(tensor)
+        tensor.div_(world)
+    return loss

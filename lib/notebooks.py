@@ -1,0 +1,64 @@
+"""Run a notebook with other parameters into a separate folder: `python -m lib.notebooks NOTEBOOK [OUT_DIR] -p ...`.
+
+    python -m lib.notebooks notebooks/01_clipood.ipynb runs/ -p model_name ViT-B-16 -p pretrained openai \\
+        -p dataset PACS -p data_root /data/domainbed -p train_domains '["photo"]' -p budget paper
+
+Unlike papermill, which only warns, a parameter the notebook's `parameters` cell does not define is an error,
+and the committed notebooks in notebooks/ are never written over.
+"""
+import argparse
+import ast
+from pathlib import Path
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def parse_value(text):
+    """A -p value as papermill reads one: a Python literal when it is one (numbers, lists, None, True), JSON's
+    true/false/null too, else the string itself."""
+    aliases = {"true": True, "false": False, "null": None}
+    if text in aliases:
+        return aliases[text]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def known_parameters(notebook):
+    import papermill
+    return papermill.inspect_notebook(str(notebook))
+
+
+def run(notebook, out_dir="runs", parameters=None, name=None, progress=False):
+    """Execute `notebook` with `parameters` into out_dir/<name or the notebook's name>; returns the output path."""
+    import papermill
+    notebook, parameters = Path(notebook), dict(parameters or {})
+    known = known_parameters(notebook)
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown parameter(s) {unknown} for {notebook.name}; its parameters cell defines "
+                         f"{sorted(known)}.")
+    output = Path(out_dir) / (name or notebook.name)
+    if output.resolve().parent == NOTEBOOKS_DIR:
+        raise ValueError(f"{output} would overwrite a committed notebook; choose an output folder outside "
+                         f"notebooks/ (e.g. runs/).")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(notebook.parent),
+                               progress_bar=progress)
+    return output
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("out_dir", nargs="?", type=Path, default=Path("runs"))
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("--name", help="output file name (default: the notebook's)")
+    args = parser.parse_args(argv)
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    print(run(args.notebook, args.out_dir, parameters, args.name, progress=True))
+
+
+if __name__ == "__main__":
+    main()
