@@ -19,10 +19,15 @@ BUDGETS = {
 def budget(name):
     """The settings of a budget; the environment variable LAB_BUDGET, when set, overrides `name` (the tests
     use it to re-run the committed notebooks quickly)."""
+    return BUDGETS[budget_name(name)]
+
+
+def budget_name(name):
+    """The budget that `budget(name)` gives: LAB_BUDGET when set, else name (checked)."""
     name = os.environ.get("LAB_BUDGET", name)
     if name not in BUDGETS:
         raise ValueError(f"Unknown budget {name!r}; choose one of {list(BUDGETS)}.")
-    return BUDGETS[name]
+    return name
 
 
 def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, device="auto", progress=True,

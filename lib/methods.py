@@ -492,7 +492,10 @@ class ContrastiveFineTune(Method):
         image_features = model.encode_image(images, normalize=True)
         choice = torch.randint(len(self.hparams["templates"]), (len(labels),), generator=self.generator)
         prompts = [self.prompts[y][t] for y, t in zip(labels.tolist(), choice.tolist())]
-        loss = contrastive_loss(image_features, self._text(model, prompts), scale)
+        # A batch repeats few distinct prompts (classes x templates): encode each once, then index.
+        distinct = sorted(set(prompts))
+        rows = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
+        loss = contrastive_loss(image_features, self._text(model, distinct)[rows], scale)
         if self.hparams["cap_weight"]:
             captions = [self.captions[i] for i in indices.tolist()]
             loss = loss + self.hparams["cap_weight"] * contrastive_loss(

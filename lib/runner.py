@@ -31,7 +31,8 @@ GRID_DEFAULTS = dict(methods=["ft"], seeds=[0], hparams={}, datasets=["shapeworl
 
 
 def expand(grid):
-    """The runs of a grid: one dict per (dataset, method, seed, hyperparameter combination), in a fixed order."""
+    """The runs of a grid: one dict per (dataset, method, seed, hyperparameter combination), in a fixed order.
+    The budget is the one that will run (LAB_BUDGET overrides the grid's), so a key never mixes budgets."""
     unknown = sorted(set(grid) - set(GRID_DEFAULTS))
     if unknown:
         raise ValueError(f"Unknown grid key(s) {unknown}; a grid takes {sorted(GRID_DEFAULTS)}.")
@@ -40,7 +41,8 @@ def expand(grid):
     values = [v if isinstance(v, list) else [v] for v in (grid["hparams"][n] for n in names)]
     combos = [dict(zip(names, combo)) for combo in itertools.product(*values)]
     return [dict(method=method, seed=seed, hparams=hparams, dataset=dataset, data_root=grid["data_root"],
-                 train_domains=list(grid["train_domains"]), budget=grid["budget"], model_name=grid["model_name"],
+                 train_domains=list(grid["train_domains"]), budget=experiments.budget_name(grid["budget"]),
+                 model_name=grid["model_name"],
                  pretrained=grid["pretrained"])
             for dataset in grid["datasets"] for method in grid["methods"] for seed in grid["seeds"]
             for hparams in combos]

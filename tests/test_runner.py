@@ -18,7 +18,8 @@ def test_expand_sweeps_lists_of_hyperparameters_and_keys_are_stable():
     assert len(set(keys)) == len(keys)  # every parameter tells runs apart
     reordered = {name: runs[0][name] for name in reversed(list(runs[0]))}
     assert runner.run_key(reordered) == keys[0]
-    assert runner.run_key({**runs[0], "budget": "smoke"}) != keys[0]
+    assert runner.run_key({**runs[0], "budget": "paper"}) != keys[0]
+    assert runs[0]["budget"] == "smoke"  # the budget that runs: LAB_BUDGET (set by conftest) overrides the grid
 
 
 @pytest.mark.parametrize("grid, error, match", [
