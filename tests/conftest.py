@@ -17,3 +17,15 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def random_mini_setup():
+    """(model, tokenizer, train): a randomly initialized mini-CLIP (quick to build, and any gradient is real),
+    its tokenizer, and 24 photos of the base classes with the model's transform."""
+    from lib import models
+    from lib.data import shapeworld
+    torch.manual_seed(0)
+    model = models.build_mini().eval()
+    train = shapeworld.make_split("unit-train", domains=["photo"], classes=shapeworld.BASE_CLASSES, n_per_class=4)
+    return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)

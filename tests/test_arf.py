@@ -11,11 +11,8 @@ ONE_TEMPLATE = ("{}",)  # the prompt of a class is its name, so a test can write
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = models.build_mini().eval()
-    train = sw.make_split("unit-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
-    return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)
+def setup(random_mini_setup):
+    return random_mini_setup
 
 
 def batch_loss(method, model, tokenizer, train, indices):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lib import methods, models, plots
-from lib.data import shapeworld as sw
 from lib.sparse import SparseAdamW, parameter_scores
 from lib.train import finetune
 
@@ -19,11 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = models.build_mini().eval()
-    train = sw.make_split("unit-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
-    return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)
+def setup(random_mini_setup):
+    return random_mini_setup
 
 
 def test_saft_is_ce_with_sparse_adaptation_over_both_encoders():
