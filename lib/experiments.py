@@ -41,12 +41,23 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
     tables, trained = [], {}
     runs = [(m, s) for m in methods for s in seeds]
     for method, seed in tqdm(runs, desc="runs", disable=not progress):
-        run = finetune(model, method, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
-                       progress=progress, batch_size=batch_size, **hparams.get(method, {}))
-        trained[method, seed] = run
-        tables.append(evaluate(run.model, tokenizer, bench.test, groups=bench.groups, head=run.head,
-                               templates=run.method.hparams["templates"], method=method, seed=seed))
+        table, trained[method, seed] = run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device,
+                                               progress, **hparams.get(method, {}))
+        table.insert(0, "seed", seed)
+        table.insert(0, "method", method)
+        tables.append(table)
     return pd.concat(tables, ignore_index=True), trained
+
+
+def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device="auto", progress=True, **hparams):
+    """Fine-tune `method` with `seed` on bench.train and evaluate it on bench.test: the one run that compare and
+    lib.runner repeat. Returns (table, trained): lib.evaluate.evaluate's table without method or seed columns
+    (callers label it) and the Trained."""
+    trained = finetune(model, method, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
+                       progress=progress, batch_size=batch_size, **hparams)
+    table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
+                     templates=trained.method.hparams["templates"])
+    return table, trained
 
 
 def dg_benchmark(dataset="shapeworld", data_root=None, test_domain="painting", n_train_per_class=32,

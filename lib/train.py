@@ -104,7 +104,8 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batch_size = min(method.hparams["batch_size"], len(train_set))
     if batch_size % world:
-        raise ValueError(f"batch size {batch_size} does not split over {world} processes; choose a multiple.")
+        raise ValueError(f"batch size {batch_size} does not split over {world} processes: set batch_size to a "
+                         f"multiple of {world} (it is capped at the {len(train_set)} training images).")
     batches = _batches(train_set, batch_size, seed, num_workers)
     history = []
     train_mode(model)

@@ -1,35 +1,43 @@
 """Data-parallel fine-tuning (lib.train.finetune under torch.distributed): two gloo processes on the CPU take
-the same steps as one process on the same global batches."""
+the same steps as one process on the same global batches, and `torchrun -m lib.runner` writes rank 0's results."""
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lib import models
+from lib import models, runner
 from lib.data import shapeworld as sw
 from lib.train import finetune
 
+# Per-example mean losses (ft, mms, ce under saft) and modifiers whose hooks must see the averaged gradients:
+# saft masks them in before_clip, bma averages the weights after each step.
+METHODS = ["ft", "mms", "mms+bma", "saft"]
 STEPS = dict(num_steps=3, batch_size=8, warmup_steps=1, lr=1e-3)
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_run(method):
-    torch.set_num_threads(1)
+def tiny_run(method, **overrides):
     model, _, tokenizer = models.load_clip("mini", device="cpu")
     train = sw.make_split("ddp-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
     return finetune(model, method, train.with_transform(models.mini_preprocess), tokenizer, seed=0, progress=False,
-                    **STEPS)
+                    **{**STEPS, **overrides})
 
 
-def worker(rank, world, port, method, out):
+def worker(rank, world, port, out):
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        trained = tiny_run(method)
+        runs = {method: tiny_run(method) for method in METHODS}
         if rank == 0:
-            torch.save({"state": trained.model.state_dict(), "history": trained.history}, out)
+            torch.save({m: {"state": r.model.state_dict(), "history": r.history} for m, r in runs.items()}, out)
     finally:
         dist.destroy_process_group()
 
@@ -40,35 +48,45 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["ft", "mms+bma"])
-def test_two_gloo_processes_match_one_process(tmp_path, method):
+def test_two_gloo_processes_take_the_steps_of_one_process(tmp_path, one_intra_op_thread):
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, free_port(), method, out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
     parallel = torch.load(out, weights_only=True)
-    single = tiny_run(method)
-    assert parallel["history"] == pytest.approx(single.history, rel=1e-5)
-    state = single.model.state_dict()
-    changed = [k for k, v in state.items() if not torch.equal(v, models.load_clip("mini", device="cpu")[0]
-                                                               .state_dict()[k])]
-    assert changed  # the comparison is about trained weights, not an untouched copy
+    pretrained = models.load_clip("mini", device="cpu")[0].state_dict()
     # Adam divides by sqrt(v): on entries with near-zero gradients, rounding differences of the all-reduce grow to
     # about 1e-5 here. One percent of the largest possible total update (lr per step) bounds them.
     tolerance = 0.01 * STEPS["lr"] * STEPS["num_steps"]
-    for name, value in state.items():
-        torch.testing.assert_close(parallel["state"][name], value, rtol=0, atol=tolerance, msg=name)
+    for method in METHODS:
+        single = tiny_run(method)
+        assert parallel[method]["history"] == pytest.approx(single.history, rel=1e-5), method
+        state = single.model.state_dict()
+        assert any(not torch.equal(v, pretrained[k]) for k, v in state.items()), method  # it trained
+        for name, value in state.items():
+            torch.testing.assert_close(parallel[method]["state"][name], value, rtol=0, atol=tolerance,
+                                       msg=f"{method}: {name}")
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_an_error(monkeypatch):
+def test_a_batch_that_does_not_split_over_the_processes_is_an_error(monkeypatch, one_intra_op_thread):
     from lib import train as train_module
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(train_module.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(train_module.dist, "get_world_size", lambda: 2)
-    with pytest.raises(ValueError, match="batch size 7 does not split over 2 processes"):
-        tiny_run_with(batch_size=7)
+    with pytest.raises(ValueError, match="batch size 7 does not split over 2 processes: set batch_size to a "
+                                         "multiple of 2"):
+        tiny_run("ft", batch_size=7)
 
 
-def tiny_run_with(**overrides):
-    model, _, tokenizer = models.load_clip("mini", device="cpu")
-    train = sw.make_split("ddp-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
-    return finetune(model, "ft", train.with_transform(models.mini_preprocess), tokenizer, seed=0, progress=False,
-                    **{**STEPS, **overrides})
+def test_torchrun_runs_the_runner_data_parallel_and_rank_0_writes(tmp_path):
+    argv = ["--methods", "ft", "--seeds", "0", "--budget", "smoke", "--train-domains", "photo",
+            "--n-test-per-class", "2", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}", "-m", "lib.runner"]
+    done = subprocess.run([*launch, *argv, "--results-dir", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("domain_shift") == 1  # one summary: rank 0's
+    assert len(list((tmp_path / "ddp").glob("*.csv"))) == 1 and not list((tmp_path / "ddp").glob("*.tmp"))
+    grid = dict(methods=["ft"], seeds=[0], budget="smoke", train_domains=["photo"], n_test_per_class=2)
+    single = runner.run_grid(grid, tmp_path / "single", device="cpu", progress=False)
+    parallel = runner.load_results(runner.expand(grid), tmp_path / "ddp")
+    pd.testing.assert_frame_equal(parallel, single)
