@@ -8,16 +8,15 @@ method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
     >>> method.hparams["lr"]
     3e-05
 """
-import math
-
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from . import anchors
 from .averaging import BetaMovingAverage, StochasticWeightAverage
-from .losses import cross_entropy_loss, mms_loss
+from .losses import contrastive_loss, cross_entropy_loss, mms_loss
 from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
 from .sparse import SCORE_STRATEGIES, SparseAdamW, parameter_scores, saft_mask
-from .train import Trained, _batches, train_mode
+from .train import Trained, _batches, clamp_logit_scale, train_mode
 
 
 class Method:
@@ -430,9 +429,9 @@ class ContrastiveFineTune(Method):
 
     ARF (Han et al., CVPR 2024) adds two contrastive anchor terms to the same batch, L = L_CL + cap_weight * L_Cap
     + ret_weight * L_Ret; `flyp` is ARF with both weights 0. ARF has no public code; our choices:
-    - L_Cap (text-compensated anchors): the batch's own images against rich captions from `captioner`
-      (lib.anchors.ShapeWorldCaptioner(caption_noise) on ShapeWorld; a caption CSV (lib.anchors.FileCaptioner)
-      for real data), sharing the image features of L_CL.
+    - L_Cap (text-compensated anchors): the batch's own images against rich captions from a captioner
+      (lib.anchors.ShapeWorldCaptioner(caption_noise) on ShapeWorld; the `captions` CSV through
+      lib.anchors.FileCaptioner for real data), sharing the image features of L_CL.
     - L_Ret (retrieved anchors): before training, the frozen model embeds the candidate corpus's captions and each
       training image's k nearest captions are found by exact kNN (lib.anchors.retrieve); at every step each
       image among the first anchor_fraction of the batch brings one of its k neighbours, drawn at random, so a
@@ -456,7 +455,6 @@ class ContrastiveFineTune(Method):
                              f"pair, in (0, 1]; got {self.hparams['anchor_fraction']!r}")
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
-        from . import anchors
         device = next(model.parameters()).device
         self.tokenizer, self.device = tokenizer, device
         templates = self.hparams["templates"]
@@ -486,8 +484,6 @@ class ContrastiveFineTune(Method):
         return model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)
 
     def loss(self, model, images, labels, indices):
-        from .anchors import anchor_pairs
-        from .losses import contrastive_loss
         scale = model.logit_scale.exp()
         image_features = model.encode_image(images, normalize=True)
         choice = torch.randint(len(self.hparams["templates"]), (len(labels),), generator=self.generator)
@@ -502,15 +498,14 @@ class ContrastiveFineTune(Method):
                 image_features, self._text(model, captions), scale)
         if self.hparams["ret_weight"]:
             count = max(1, round(self.hparams["anchor_fraction"] * len(indices)))
-            pairs = anchor_pairs(indices[:count], self.neighbours, self.anchor_set, self.generator)
+            pairs = anchors.anchor_pairs(indices[:count], self.neighbours, self.anchor_set, self.generator)
             anchor_features = model.encode_image(pairs.images.to(self.device), normalize=True)
             loss = loss + self.hparams["ret_weight"] * contrastive_loss(
                 anchor_features, self._text(model, pairs.captions), scale)
         return loss
 
     def after_step(self, model, step):
-        with torch.no_grad():  # CLIP's clamp, as in pretraining: the scale trains here
-            model.logit_scale.clamp_(0, math.log(100))
+        clamp_logit_scale(model)  # the scale trains here, as in pretraining
 
 
 class AnchorRobustFineTune(ContrastiveFineTune):

@@ -5,7 +5,6 @@ per domain, time), is committed, so nobody has to run this unless they change th
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import shapeworld
 from .losses import contrastive_loss
 from .models import DATA_DIR, MINI_CONFIG, build_mini, mini_preprocess, mini_tokenizer
-from .train import cosine_schedule, set_seed
+from .train import clamp_logit_scale, cosine_schedule, set_seed
 
 # ---------------------------------------------------------------- parameters (the committed checkpoint's)
 CORPUS_SIZE = 40_000
@@ -56,8 +55,7 @@ def pretrain(corpus_size=CORPUS_SIZE, num_steps=NUM_STEPS, batch_size=BATCH_SIZE
         loss.backward()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilizes training
-            model.logit_scale.clamp_(0, math.log(100))
+        clamp_logit_scale(model)
         history.append(loss.item())
     return model.eval(), history
 

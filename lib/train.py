@@ -28,6 +28,13 @@ def cosine_schedule(optimizer, num_steps, warmup_steps=0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def clamp_logit_scale(model):
+    """CLIP's clamp of the learned temperature, after each step that trains it: a scale above 100 destabilizes
+    contrastive training."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+
+
 @dataclass
 class Trained:
     """What fine-tuning returns: the model to evaluate, an optional non-text head, and the loss history."""
