@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .data import shapeworld
+from .models import encode_text
 
 RETRIEVAL_METHODS = ("auto", "torch", "faiss")
 # Above this many candidates (on the CPU) faiss's search beats chunked torch matmuls + topk by up to 2x on the
@@ -119,7 +120,7 @@ def _retrieve_faiss(queries, candidates, k):
 def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=256, device=None):
     """L2-normalized text embeddings [len(texts), D] (float32, CPU) of `texts`, optionally cached on disk.
 
-    Texts are encoded in batches with model.encode_text(tokenizer(batch), normalize=True), in eval mode (so
+    Texts are encoded in batches with lib.models.encode_text, in eval mode (so
     dropout cannot make the embeddings random) and without gradients; the model's training flag is restored.
     device is where the tokens go; None means the device of the model's parameters.
 
@@ -144,7 +145,7 @@ def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=
     try:
         with torch.no_grad():
             embeddings = torch.cat([
-                model.encode_text(tokenizer(texts[start:start + batch_size]).to(device), normalize=True).float().cpu()
+                encode_text(model, tokenizer(texts[start:start + batch_size]).to(device)).float().cpu()
                 for start in range(0, len(texts), batch_size)])
     finally:
         model.train(was_training)

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from . import anchors
 from .averaging import BetaMovingAverage, StochasticWeightAverage
 from .losses import contrastive_loss, cross_entropy_loss, mms_loss
-from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
+from .models import SHAPEWORLD_TEMPLATES, encode_images, encode_text, zeroshot_head
 from .sparse import SCORE_STRATEGIES, SparseAdamW, parameter_scores, saft_mask
 from .train import Trained, _batches, clamp_logit_scale, train_mode
 
@@ -257,7 +257,7 @@ class EndToEndCrossEntropy(Method):
         return list(model.named_parameters())
 
     def class_embeddings(self, model):
-        features = model.encode_text(self.tokens, normalize=True)
+        features = encode_text(model, self.tokens)
         features = features.view(-1, self.num_templates, features.shape[-1]).mean(1)
         return torch.nn.functional.normalize(features, dim=-1)
 
@@ -481,7 +481,7 @@ class ContrastiveFineTune(Method):
         return list(model.named_parameters())
 
     def _text(self, model, texts):
-        return model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)
+        return encode_text(model, self.tokenizer(texts).to(self.device))
 
     def loss(self, model, images, labels, indices):
         scale = model.logit_scale.exp()

@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 import pandas as pd
 import torch
 
+from .losses import contrastive_loss
+from .models import encode_text
+
 SCORE_STRATEGIES = ("gradient", "fisher", "random", "magnitude")
 
 # saft_mask streams over the scores in chunks of this many entries, so that its temporaries stay a few
@@ -371,14 +374,12 @@ def one_batch_scores(model: torch.nn.Module, tokenizer, images: torch.Tensor, pr
     224 px images and four prompts); from random weights that shows the layout only, not what a pretrained
     model would select.
     """
-    from .losses import contrastive_loss
-
     device = next(model.parameters()).device
     tokens = tokenizer(prompts).to(device)
 
     def loss_fn(model, batch):
         image_features = model.encode_image(batch.to(device), normalize=True)
-        text_features = model.encode_text(tokens, normalize=True)
+        text_features = encode_text(model, tokens)
         return contrastive_loss(image_features, text_features, model.logit_scale.exp())
 
     return parameter_scores(model, loss_fn, [images], strategy=strategy)

@@ -63,3 +63,41 @@ def test_committed_mini_clip_has_zero_shot_ability():
     assert results.accuracy.mean() > 0.4
     info = models.mini_info()
     assert info["config"] == json.loads(json.dumps(models.MINI_CONFIG)) and "lib.pretrain" in info["command"]
+
+
+def _text_features_and_gradients(encode, model, tokens):
+    model.zero_grad(set_to_none=True)
+    features = encode(model, tokens)
+    (features * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+    return features.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_encode_text_cuts_the_padding_without_changing_features_or_gradients():
+    torch.manual_seed(0)
+    model = models.build_mini()
+    tokenizer = models.mini_tokenizer()
+    tokens = tokenizer(["a photo of a star.", "a painting of a small red triangle in the grass."])
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to cut
+
+    calls = []
+    model.transformer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    cut, cut_grads = _text_features_and_gradients(models.encode_text, model, tokens)
+    full, full_grads = _text_features_and_gradients(lambda m, t: m.encode_text(t, normalize=True), model, tokens)
+    assert calls == [int(tokens.argmax(-1).max()) + 1, tokens.shape[1]]  # the cut really ran shorter
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+    assert cut_grads.keys() == full_grads.keys()
+    for name, full_grad in full_grads.items():  # float rounding is relative to each tensor's largest entry
+        atol = 1e-5 * float(full_grad.abs().max())
+        torch.testing.assert_close(cut_grads[name], full_grad, rtol=1e-4, atol=atol, msg=name)
+    beyond_last_prompt = full_grads["positional_embedding"][int(tokens.argmax(-1).max()) + 1:]
+    assert beyond_last_prompt.abs().max() == 0  # why cutting is exact: those positions reach nothing
+    assert model.positional_embedding.shape[0] == tokens.shape[1]  # the model itself is left whole
+
+
+def test_encode_text_runs_other_text_towers_uncut():
+    torch.manual_seed(0)
+    model = models.build_mini()
+    model.text_pool_type = "last"  # pooling that reads the padding: cutting would change the result
+    tokens = models.mini_tokenizer()(["a photo of a star."])
+    torch.testing.assert_close(models.encode_text(model, tokens), model.encode_text(tokens, normalize=True),
+                               rtol=0, atol=0)
