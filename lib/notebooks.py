@@ -8,6 +8,7 @@ and nothing is written inside notebooks/ (the committed notebooks). Both are che
 """
 import argparse
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -15,11 +16,13 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def parse_value(text):
-    """A -p value as papermill reads one: a Python literal when it is one (numbers, lists, None, True), JSON's
-    true/false/null too, else the string itself (quote it, '"0"', to keep a number a string)."""
-    aliases = {"true": True, "false": False, "null": None}
-    if text in aliases:
-        return aliases[text]
+    """A value given on the command line (a notebook's -p, the runner's --hparam): JSON when it is JSON, else a
+    Python literal when it is one (None, True, tuples, single quotes), else the string itself (quote it, '"0"', to
+    keep a number a string)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import experiments
 from .evaluate import format_table, summarize, with_ci
+from .notebooks import parse_value
 
 # A run's size: the budget's values unless the grid sets them (None = the budget's).
 SIZES = ("n_train_per_class", "n_test_per_class", "num_steps", "batch_size")
@@ -161,13 +162,6 @@ def _write_atomically(path, run, table):
         os.replace(partial, target)  # the CSV, written last, is what marks the run as done
 
 
-def _parse_value(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", nargs="?", type=Path, help="a JSON file with grid keys (flags override it)")
@@ -182,7 +176,7 @@ def main(argv=None):
     parser.add_argument("--model-name")
     parser.add_argument("--pretrained")
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
-                        help="a hyperparameter (JSON value; a JSON list is a sweep), repeatable")
+                        help="a hyperparameter (a JSON or Python value; a list is a sweep), repeatable")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -195,7 +189,7 @@ def main(argv=None):
         name, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--hparam takes NAME=VALUE; got {item!r}")
-        grid.setdefault("hparams", {})[name] = _parse_value(value)
+        grid.setdefault("hparams", {})[name] = parse_value(value)
     try:
         validate(expand(grid))
     except (ValueError, FileNotFoundError) as error:

@@ -30,9 +30,9 @@ def no_execution(monkeypatch):
     ("3", 3), ("-2", -2), ("1e-3", 1e-3), ("0.5", 0.5), ("[0, 1, 2]", [0, 1, 2]), ('["photo"]', ["photo"]),
     ("{'lam': 0.1}", {"lam": 0.1}), ("None", None), ("null", None), ("True", True), ("false", False),
     ("ViT-B-16", "ViT-B-16"), ("openai", "openai"), ("/data/domain bed", "/data/domain bed"), ('"0"', "0"),
-    ("", ""),
+    ("", ""), ('{"lam": true, "b": null}', {"lam": True, "b": None}), ("(1, 2)", (1, 2)),
 ])
-def test_parameter_values_are_parsed_like_python_literals_else_strings(text, value):
+def test_values_are_parsed_as_json_or_python_literals_else_strings(text, value):
     parsed = notebooks.parse_value(text)
     assert parsed == value and type(parsed) is type(value)
 
