@@ -70,8 +70,11 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _batches(dataset, batch_size, seed, num_workers):
+    """Shuffled full batches of (images, labels, indices), epoch after epoch, forever."""
+    if batch_size > len(dataset):  # drop_last would leave no batch at all, and the loop below would never yield
+        raise ValueError(f"batch size {batch_size} is larger than the {len(dataset)} training images; cap it first")
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=min(batch_size, len(dataset)),
+    loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size,
                                          shuffle=True, drop_last=True, generator=generator,
                                          num_workers=num_workers, persistent_workers=num_workers > 0)
     while True:
