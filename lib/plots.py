@@ -15,11 +15,10 @@ sns.set_theme(style="whitegrid", context="notebook")
 
 
 def save(fig, name):
-    """Save a figure as figures/<name>.png (created if needed) and return its path."""
+    """Save a figure as figures/<name>.png (created if needed). Returns nothing, so that a notebook cell ending
+    with it shows no path of the machine it ran on."""
     FIGURES.mkdir(exist_ok=True)
-    path = FIGURES / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    fig.savefig(FIGURES / f"{name}.png", dpi=120, bbox_inches="tight")
 
 
 def example_grid(dataset, domains, classes, title="ShapeWorld"):

@@ -1,4 +1,5 @@
 """Every notebook runs end to end with papermill at the smoke budget, with parameters injected."""
+import json
 from pathlib import Path
 
 import nbformat
@@ -30,3 +31,5 @@ def test_notebook_conventions(path):
     ran = [c for c in code[1:] if c.source.strip() and "injected-parameters" not in c.metadata.get("tags", [])]
     assert all(c.outputs for c in ran), "commit the default run's outputs"
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+    shown = json.dumps([c.outputs for c in code])
+    assert str(path.parent.parent) not in shown and "PosixPath('/" not in shown, "an output shows a machine's path"
