@@ -94,7 +94,7 @@ def load_clip(name, pretrained=None, device="auto"):
     """(model, preprocess, tokenizer) for "mini" or any open_clip model name, in eval mode on `device`.
 
     pretrained: for "mini", None loads the committed checkpoint and a path loads another one; for open_clip
-    names, None gives random weights, a tag such as "openai" uses open_clip's cache (download it beforehand),
+    names, None gives random weights (seeded: the same on every call), a tag such as "openai" uses open_clip's cache (download it beforehand),
     and a path loads a local checkpoint file.
     """
     device = pick_device(device)
@@ -130,8 +130,12 @@ def _load_open_clip(name, pretrained):
     # openai weights were trained with QuickGELU; open_clip only switches it on by itself for the tag.
     quick_gelu = pretrained == "openai" or (pretrained is not None and "openai" in Path(str(pretrained)).name)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        # A seeded initialization, so that random weights are the same on every call and machine, in a forked
+        # random state, so that loading a model leaves the caller's random numbers as they were.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, force_quick_gelu=quick_gelu)
     except Exception as error:  # open_clip reports a failed download in many ways
         raise RuntimeError(
             f"Could not load {name} with pretrained={pretrained!r}: {error}. Nothing is downloaded at run time "

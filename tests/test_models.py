@@ -101,3 +101,14 @@ def test_encode_text_runs_other_text_towers_uncut():
     tokens = models.mini_tokenizer()(["a photo of a star."])
     torch.testing.assert_close(models.encode_text(model, tokens), model.encode_text(tokens, normalize=True),
                                rtol=0, atol=0)
+
+
+def test_random_open_clip_weights_are_seeded_and_leave_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = models.load_clip("ViT-B-32", None, "cpu")[0].state_dict()
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.manual_seed(7)  # another caller state: the same weights
+    second = models.load_clip("ViT-B-32", None, "cpu")[0].state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
