@@ -120,8 +120,8 @@ def _retrieve_faiss(queries, candidates, k):
 def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=256, device=None):
     """L2-normalized text embeddings [len(texts), D] (float32, CPU) of `texts`, optionally cached on disk.
 
-    Texts are encoded in batches with lib.models.encode_text, in eval mode (so
-    dropout cannot make the embeddings random) and without gradients; the model's training flag is restored.
+    Texts are encoded in batches with lib.models.encode_text, in eval mode (so dropout cannot make the
+    embeddings random) and without gradients; the model's training flag is restored.
     device is where the tokens go; None means the device of the model's parameters.
 
     The last few results are also kept in memory under the same key (runs of a sweep share one corpus).

@@ -94,8 +94,8 @@ def load_clip(name, pretrained=None, device="auto"):
     """(model, preprocess, tokenizer) for "mini" or any open_clip model name, in eval mode on `device`.
 
     pretrained: for "mini", None loads the committed checkpoint and a path loads another one; for open_clip
-    names, None gives random weights (seeded: the same on every call), a tag such as "openai" uses open_clip's cache (download it beforehand),
-    and a path loads a local checkpoint file.
+    names, None gives random weights (seeded: the same on every call), a tag such as "openai" uses open_clip's
+    cache (download it beforehand), and a path loads a local checkpoint file.
     """
     device = pick_device(device)
     if name == "mini":

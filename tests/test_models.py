@@ -77,19 +77,20 @@ def test_encode_text_cuts_the_padding_without_changing_features_or_gradients():
     model = models.build_mini()
     tokenizer = models.mini_tokenizer()
     tokens = tokenizer(["a photo of a star.", "a painting of a small red triangle in the grass."])
-    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to cut
+    length = int(tokens.argmax(-1).max()) + 1  # up to the last end token
+    assert length < tokens.shape[1]  # there is padding to cut
 
     calls = []
     model.transformer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
     cut, cut_grads = _text_features_and_gradients(models.encode_text, model, tokens)
     full, full_grads = _text_features_and_gradients(lambda m, t: m.encode_text(t, normalize=True), model, tokens)
-    assert calls == [int(tokens.argmax(-1).max()) + 1, tokens.shape[1]]  # the cut really ran shorter
+    assert calls == [length, tokens.shape[1]]  # the cut really ran shorter
     torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
     assert cut_grads.keys() == full_grads.keys()
     for name, full_grad in full_grads.items():  # float rounding is relative to each tensor's largest entry
         atol = 1e-5 * float(full_grad.abs().max())
         torch.testing.assert_close(cut_grads[name], full_grad, rtol=1e-4, atol=atol, msg=name)
-    beyond_last_prompt = full_grads["positional_embedding"][int(tokens.argmax(-1).max()) + 1:]
+    beyond_last_prompt = full_grads["positional_embedding"][length:]
     assert beyond_last_prompt.abs().max() == 0  # why cutting is exact: those positions reach nothing
     assert model.positional_embedding.shape[0] == tokens.shape[1]  # the model itself is left whole
 
