@@ -91,8 +91,10 @@ def mms_loss(
     (``scale * lam``) that is the additive-margin form
     ``scale * cos(f, t_j) + scale * lam * (1 - cos(t_y, t_j))``: a non-target class gets a larger
     margin the further its text embedding is from the true class's, and the cross entropy is
-    identical. ``lam = 0`` gives plain cross entropy. ``scale`` is fixed at 100 in CLIPood.
-    Pass ``text_features`` detached (frozen text encoder) so only the image side trains.
+    identical. ``lam = 0`` gives plain cross entropy. ``scale`` is the inverse temperature:
+    CLIPood's code uses the model's own ``logit_scale.exp()`` by default (100 for OpenAI's CLIPs,
+    not for others), which is what the ``mms`` method passes; 100 here is only the function's
+    default. Pass ``text_features`` detached (frozen text encoder) so only the image side trains.
     """
     if lam < 0:
         raise ValueError(f"MMS margin weight lam must be >= 0 (CLIPood uses 0.3 or 0.1); got {lam}")

@@ -123,20 +123,26 @@ class FineTune(FrozenTextMethod):
 
 
 class MarginMetricSoftmax(FrozenTextMethod):
-    """CLIPood's MMS: cross-entropy with class-adaptive margins lam * (1 - cos(t_y, t_j)), fixed scale 100."""
+    """CLIPood's MMS: cross-entropy with class-adaptive margins lam * (1 - cos(t_y, t_j)) at the model's own
+    temperature (CLIPood's default: logit_scale.exp(), 100 for OpenAI's CLIPs); `scale` overrides it."""
     name = "mms"
-    HPARAMS = dict(lam=0.3, scale=100.0)
+    HPARAMS = dict(lam=0.3, scale=None)
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
-        lam = self.hparams["lam"]
+        lam, scale = self.hparams["lam"], self.hparams["scale"]
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
             raise ValueError(f"mms: lam is the margin weight and must be a number >= 0 (CLIPood uses 0.3, "
-                             f"0.1 in the wild; 0 is plain cross-entropy at scale 100); got {lam!r}")
+                             f"0.1 in the wild; 0 is plain cross-entropy, the same loss as ft); got {lam!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not 0 < scale < float("inf")):
+            raise ValueError(f"mms: scale is the inverse temperature, a finite number > 0, or None for the "
+                             f"model's own logit_scale.exp(); got {scale!r}")
 
     def loss(self, model, images, labels, indices):
         image_features = model.encode_image(images, normalize=True)
-        return mms_loss(image_features, self.text_features, labels, self.hparams["lam"], self.hparams["scale"])
+        scale = self.scale if self.hparams["scale"] is None else self.hparams["scale"]
+        return mms_loss(image_features, self.text_features, labels, self.hparams["lam"], scale)
 
 
 class Modifier(Method):

@@ -42,15 +42,31 @@ def test_clipood_is_mms_wrapped_by_bma_with_both_hparams():
     method = get_method("clipood")
     assert isinstance(method, BetaAverage) and isinstance(method.base, MarginMetricSoftmax)
     assert method.name == "clipood"
-    assert method.hparams["lam"] == 0.3 and method.hparams["beta"] == 0.5 and method.hparams["scale"] == 100.0
+    assert method.hparams["lam"] == 0.3 and method.hparams["beta"] == 0.5 and method.hparams["scale"] is None
     tuned = get_method("clipood", lam=0.1, beta=2.0)
     assert tuned.base.hparams["lam"] == 0.1 and tuned.hparams["beta"] == 2.0
     bma = get_method("bma")
     assert isinstance(bma, BetaAverage) and bma.base.name == "ft"
 
 
+def test_mms_takes_the_model_temperature_by_default_and_scale_overrides_it(tiny_setup):
+    model, tokenizer, train_set = tiny_setup
+    images = torch.stack([train_set[i][0] for i in range(4)])
+    labels = torch.stack([train_set[i][1] for i in range(4)])
+    losses = {}
+    for name, hparams in [("ft", {}), ("mms", dict(lam=0.0)), ("mms", dict(lam=0.0, scale=100.0))]:
+        method = get_method(name, **hparams)
+        method.setup(model, tokenizer, train_set, num_steps=1, seed=0)
+        with torch.no_grad():
+            losses[name, hparams.get("scale")] = method.loss(model, images, labels, None).item()
+    # lam = 0 removes the margins: at the model's own temperature mms is ft's loss, at 100 it is not.
+    assert model.logit_scale.exp().item() < 90
+    assert losses["mms", None] == pytest.approx(losses["ft", None], rel=1e-6)
+    assert losses["mms", 100.0] != pytest.approx(losses["ft", None], rel=1e-3)
+
+
 @pytest.mark.parametrize("name, hparams, match", [
-    ("mms", dict(lam=-0.1), "lam"), ("clipood", dict(lam=-1), "lam"),
+    ("mms", dict(lam=-0.1), "lam"), ("mms", dict(scale=0.0), "scale"), ("mms", dict(scale="x"), "scale"), ("clipood", dict(lam=-1), "lam"),
     ("bma", dict(beta=0), "beta"), ("clipood", dict(beta=-0.5), "beta"), ("mms+bma", dict(beta="x"), "beta"),
 ])
 def test_bad_hparams_raise_clear_errors(name, hparams, match):
