@@ -87,3 +87,35 @@ def test_mismatched_state_dicts_are_rejected():
         model_stock({"a": torch.zeros(2)}, {"a": torch.zeros(2)}, {"b": torch.zeros(2)})
     with pytest.raises(ValueError, match="shape mismatch"):
         model_stock({"a": torch.zeros(2)}, {"a": torch.zeros(3)}, {"a": torch.zeros(2)})
+
+
+def test_stock_method_merges_two_seeds_of_its_base(random_mini_setup, one_intra_op_thread):
+    from lib.methods import get_method
+    from lib.train import finetune
+    model, tokenizer, train = random_mini_setup
+    hparams = dict(lr=1e-3, batch_size=8, warmup_steps=1)
+    method = get_method("model-stock", stock_seed_offset=5, **hparams)
+    merged = finetune(model, method, train, tokenizer, num_steps=3, seed=2, progress=False)
+    first = finetune(model, "ft", train, tokenizer, num_steps=3, seed=2, progress=False, **hparams).model.state_dict()
+    second = finetune(model, "ft", train, tokenizer, num_steps=3, seed=7, progress=False, **hparams).model.state_dict()
+    expected = model_stock(model.state_dict(), first, second)
+    for name, value in merged.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name])
+    assert method.name == "model-stock" and len(merged.history) == 3
+    ratios = method.stock_ratios.set_index("name").t
+    assert ratios[[n for n in ratios.index if n.startswith("visual.")]].gt(0).any()
+    assert ratios[[n for n in ratios.index if n.startswith("transformer.")]].eq(0).all()  # ft: frozen text tower
+    # the caller's model is untouched, the partner run is kept
+    assert not torch.equal(method.partner.model.state_dict()["visual.conv1.weight"], first["visual.conv1.weight"])
+
+
+def test_stock_composes_and_validates():
+    from lib.methods import get_method
+    from lib.runner import expand, validate
+    assert get_method("mms+bma+stock", beta=2.0, lr=1e-5).name == "mms+bma+stock"
+    validate(expand({"methods": ["ft+stock", "model-stock", "ce+saft+stock"], "budget": "smoke"}))
+    for name in ("lp+stock", "zeroshot+stock", "vision-only+stock"):
+        with pytest.raises(ValueError, match="stock merges"):
+            get_method(name)
+    with pytest.raises(ValueError, match="stock_seed_offset"):
+        get_method("ft+stock", stock_seed_offset=0)
