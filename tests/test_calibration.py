@@ -140,3 +140,19 @@ def test_summarize_adds_ece_summaries_only_when_present():
     assert summary.new_ece == pytest.approx(0.5)
     old = summarize(pd.DataFrame(rows).drop(columns="ece"), train_domains=["photo"])
     assert "id_ece" not in old.columns
+
+
+def test_reliability_diagram_has_titles_labels_and_a_legend():
+    from lib import plots
+    generator = torch.Generator().manual_seed(6)
+    logits = 3 * torch.randn(500, 4, generator=generator)
+    labels = torch.randint(0, 4, (500,), generator=generator)
+    tables = {"ft": reliability_table(torch.softmax(logits, -1), labels),
+              "ft + T": reliability_table(torch.softmax(logits / 3, -1), labels)}
+    fig = plots.reliability_diagram(tables, title="calibration")
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert len(panels) == 2 and fig._suptitle.get_text() == "calibration"
+    expected = expected_calibration_error(torch.softmax(logits, -1), labels)
+    assert f"{100 * expected:.1f} %" in panels[0].get_title()
+    assert panels[0].get_ylabel() == "accuracy (%)" and fig.legends
+    plots.plt.close(fig)

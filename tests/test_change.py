@@ -107,3 +107,21 @@ def test_cka_is_one_for_the_same_model_and_the_table_covers_every_block(vit):
     assert moved_rows.loc[("text", 2), "cka"] == pytest.approx(1.0)
     assert np.isnan(moved_rows.loc[("image", -1), "cka"])
     assert table[table.method == "same"].relative_change.eq(0).all()
+
+
+def test_change_figure_draws_both_towers(vit):
+    import copy
+
+    from lib import plots
+    moved = copy.deepcopy(vit)
+    with torch.no_grad():
+        for name, parameter in moved.named_parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    images = torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16), torch.zeros(8))
+    table = change_table(vit, {"ft": moved, "zeroshot": copy.deepcopy(vit)}, images, torch.randint(1, 99, (4, 12)))
+    fig = plots.change_figure(table, title="per block")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "image encoder" in titles and "text encoder" in titles
+    assert fig._suptitle.get_text() == "per block"
+    assert any(ax.get_legend() for ax in fig.axes)
+    plots.plt.close(fig)
