@@ -5,6 +5,8 @@
 - ``StochasticWeightAverage``: the plain mean of the states it is given, via
   ``torch.optim.swa_utils.AveragedModel``.
 - ``wise_ft`` / ``wise_ft_sweep``: linear interpolation between zero-shot and fine-tuned weights.
+- ``model_stock`` / ``model_stock_ratios``: Model Stock (Jang et al., ECCV 2024), two fine-tuned runs from
+  the same start merged towards the pre-trained weights by a per-tensor ratio from the angle between them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "StochasticWeightAverage",
     "wise_ft",
     "wise_ft_sweep",
+    "model_stock",
+    "model_stock_ratios",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -259,3 +263,72 @@ def wise_ft_sweep(
     if not frames:
         return pd.DataFrame(columns=["alpha"])
     return pd.concat(frames, ignore_index=True)
+
+
+def model_stock_ratios(
+    theta_0: Mapping[str, torch.Tensor],
+    theta_a: Mapping[str, torch.Tensor],
+    theta_b: Mapping[str, torch.Tensor],
+) -> pd.DataFrame:
+    """Model Stock's per-tensor angle and ratio: one row per floating tensor with columns name, cos, t.
+
+    cos is the cosine between the changes ``theta_a - theta_0`` and ``theta_b - theta_0`` (flattened, in
+    float64) and ``t = 2 cos / (1 + cos)``, the paper's ratio for two fine-tuned models. Our choices, which the
+    paper leaves open: a tensor that either run left unchanged has cos = 0 (no evidence that the runs agree,
+    as torch's cosine_similarity gives for a zero vector), and a negative cos is clamped to 0, since the
+    formula would extrapolate beyond theta_0 and diverges at cos = -1; both give t = 0, i.e. theta_0.
+    """
+    _check_same_tensors("model_stock", {"theta_0": theta_0, "theta_a": theta_a, "theta_b": theta_b})
+    rows = []
+    for name, a in theta_a.items():
+        if not a.is_floating_point():
+            continue
+        change_a = (a.detach().double() - theta_0[name].detach().double().to(a.device)).flatten()
+        change_b = (theta_b[name].detach().double().to(a.device) - theta_0[name].detach().double().to(a.device))
+        change_b = change_b.flatten()
+        norms = change_a.norm() * change_b.norm()
+        cos = float(change_a @ change_b / norms) if norms > 0 else 0.0
+        cos = min(max(cos, 0.0), 1.0)  # rounding can push an exact 1 a hair above it
+        rows.append({"name": name, "cos": cos, "t": 2 * cos / (1 + cos)})
+    return pd.DataFrame(rows, columns=["name", "cos", "t"])
+
+
+def model_stock(
+    theta_0: Mapping[str, torch.Tensor],
+    theta_a: Mapping[str, torch.Tensor],
+    theta_b: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Model Stock (Jang et al., ECCV 2024): the new state dict, per tensor
+    ``t * (theta_a + theta_b) / 2 + (1 - t) * theta_0`` with ``t = 2 cos / (1 + cos)`` from the angle between the
+    two runs' changes (model_stock_ratios says how zero and negative cosines are handled).
+
+    ``theta_0`` is the pre-trained state both runs started from, ``theta_a`` and ``theta_b`` two fine-tuned
+    states (e.g. two seeds). Floating tensors are merged in ``theta_a``'s dtype and device; others (integer
+    counters, masks) are copied from ``theta_a``. The inputs are not modified.
+    """
+    ratios = model_stock_ratios(theta_0, theta_a, theta_b).set_index("name")["t"].to_dict()
+    out = {}
+    for name, a in theta_a.items():
+        a = a.detach()
+        if a.is_floating_point():
+            t = ratios[name]
+            mean = (a + theta_b[name].detach().to(device=a.device, dtype=a.dtype)) / 2
+            out[name] = t * mean + (1.0 - t) * theta_0[name].detach().to(device=a.device, dtype=a.dtype)
+        else:
+            out[name] = a.clone()
+    return out
+
+
+def _check_same_tensors(what: str, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """The state dicts must have the same keys and shapes."""
+    (first_name, first), *others = states.items()
+    for other_name, other in others:
+        if first.keys() != other.keys():
+            only_first = sorted(set(first) - set(other))[:5]
+            only_other = sorted(set(other) - set(first))[:5]
+            raise ValueError(f"{what} needs state dicts with the same keys; only in {first_name}: {only_first}, "
+                             f"only in {other_name}: {only_other}")
+        for name, tensor in first.items():
+            if tensor.shape != other[name].shape:
+                raise ValueError(f"{what}: shape mismatch for {name!r}: {tuple(tensor.shape)} in {first_name}, "
+                                 f"{tuple(other[name].shape)} in {other_name}")

@@ -7,17 +7,23 @@ import torch
 from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
 
 
-def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=SHAPEWORLD_TEMPLATES, **labels):
-    """Accuracy per domain and class group as a DataFrame (labels, domain, group, n, accuracy).
+def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=SHAPEWORLD_TEMPLATES, temperature=1.0,
+             **labels):
+    """Accuracy and calibration per domain and class group as a DataFrame (labels, domain, group, n, accuracy,
+    ece).
 
     groups maps a group name to class names; each group is classified among its own classes only (the CoOp
     base-to-new protocol). head(image_features, classnames) -> logits replaces the text head (linear probes);
-    a head that does not know a group's classes gives NaN accuracy for it. labels (method=..., seed=...) are
-    copied into every row.
+    a head that does not know a group's classes gives NaN accuracy and ECE for it. labels (method=..., seed=...)
+    are copied into every row.
+
+    ece is expected_calibration_error of softmax(logits / temperature) over the rows' images. Our choice of
+    logits for the text head: the model's own logit_scale.exp() times the cosines (CLIP's zero-shot
+    probabilities; 100 for a model without a logit_scale); a head's logits are used as they are. temperature
+    (e.g. from fit_temperature on ID validation data) changes the ECE, never the accuracy.
     """
     groups = groups or {"all": list(dataset.classnames)}
     features = encode_images(model, dataset)
-    labels_all = dataset.labels
     domains = np.array(dataset.domains)
     rows = []
     for group, classes in groups.items():
@@ -25,27 +31,109 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=SHAPEW
         if unknown:
             raise ValueError(f"Group {group!r} names classes {unknown} that the dataset does not have; "
                              f"its classes are {dataset.classnames}.")
-        in_group = torch.tensor([dataset.classnames[y] in classes for y in labels_all])
-        local = torch.tensor([classes.index(dataset.classnames[y]) if m else -1
-                              for y, m in zip(labels_all, in_group)])
-        predictions = _predict(model, tokenizer, features[in_group], classes, head, templates)
-        correct = None if predictions is None else (predictions == local[in_group]).numpy()
+        logits, local, in_group = _group_logits(model, tokenizer, dataset, features, classes, head, templates)
+        if logits is not None:
+            probs = torch.softmax(logits.double() / temperature, dim=-1)
         group_domains = domains[in_group.numpy()]
         for domain in dict.fromkeys(dataset.domains):
-            here = group_domains == domain
-            accuracy = float(correct[here].mean()) if correct is not None and here.any() else float("nan")
-            rows.append({**labels, "domain": domain, "group": group, "n": int(here.sum()), "accuracy": accuracy})
+            here = torch.from_numpy(group_domains == domain)
+            accuracy = ece = float("nan")
+            if logits is not None and here.any():
+                accuracy = float((logits[here].argmax(-1) == local[here]).double().mean())
+                ece = expected_calibration_error(probs[here], local[here])
+            rows.append({**labels, "domain": domain, "group": group, "n": int(here.sum()), "accuracy": accuracy,
+                         "ece": ece})
     return pd.DataFrame(rows)
 
 
-def _predict(model, tokenizer, features, classes, head, templates):
+def _group_logits(model, tokenizer, dataset, features, classes, head, templates):
+    """(logits or None, labels among `classes`, mask of the dataset's items in `classes`); logits and labels
+    cover the masked items only. None when the head does not know the classes."""
+    names = [dataset.classnames[int(y)] for y in dataset.labels]
+    in_group = torch.tensor([name in classes for name in names], dtype=torch.bool)
+    local = torch.tensor([classes.index(name) for name in names if name in classes], dtype=torch.long)
+    group_features = features[in_group]
     if head is not None:
         try:
-            return head(features, classes).argmax(-1)
+            return head(group_features, classes).float(), local, in_group
         except KeyError:
-            return None
+            return None, local, in_group
     text_features = zeroshot_head(model, tokenizer, classes, templates).to(features.device)
-    return (features @ text_features.T).argmax(-1)
+    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 100.0
+    return scale * group_features @ text_features.T, local, in_group
+
+
+def class_logits(model, tokenizer, dataset, classes=None, head=None, templates=SHAPEWORLD_TEMPLATES):
+    """(logits [N, C], labels [N]) of the dataset's images of `classes` (all its classes by default), classified
+    among those classes exactly as evaluate does; labels index into `classes`. For fit_temperature."""
+    classes = list(classes or dataset.classnames)
+    unknown = [c for c in classes if c not in dataset.classnames]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not in the dataset; its classes are {dataset.classnames}.")
+    logits, local, _ = _group_logits(model, tokenizer, dataset, encode_images(model, dataset), classes, head,
+                                     templates)
+    if logits is None:
+        raise KeyError(f"the head does not know all of the classes {classes}")
+    return logits, local
+
+
+def _bin_statistics(probs, labels, num_bins):
+    """Per equal-width confidence bin (b/B, (b+1)/B]: count, sum of confidences, sum of correct predictions."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    labels = torch.as_tensor(labels).long()
+    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"probs must be [N, C] and labels [N]; got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if int(num_bins) != num_bins or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer; got {num_bins!r}")
+    confidences, predictions = probs.max(dim=-1)
+    correct = (predictions == labels).double()
+    # Inner edges only: bucketize puts x in bin b when edge[b-1] < x <= edge[b], Guo et al.'s half-open bins.
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(confidences, edges)
+    count = torch.bincount(bins, minlength=num_bins).double()
+    return count, torch.bincount(bins, confidences, num_bins), torch.bincount(bins, correct, num_bins)
+
+
+def expected_calibration_error(probs, labels, num_bins=15):
+    """ECE (Naeini et al. 2015, Guo et al. 2017): sum over equal-width confidence bins of
+    |bin| / N * |accuracy(bin) - mean confidence(bin)|, where confidence is the top-class probability and
+    bin b holds confidences in (b/B, (b+1)/B]. probs [N, C] (rows sum to 1), labels [N]; NaN when N = 0."""
+    count, confidence_sum, correct_sum = _bin_statistics(probs, labels, num_bins)
+    total = count.sum()
+    if total == 0:
+        return float("nan")
+    return float((correct_sum - confidence_sum).abs().sum() / total)
+
+
+def reliability_table(probs, labels, num_bins=15):
+    """The bins of a reliability diagram: bin, lower, upper, count, confidence (mean), accuracy; empty bins have
+    count 0 and NaN means. sum(count * |accuracy - confidence|) / N is expected_calibration_error."""
+    count, confidence_sum, correct_sum = _bin_statistics(probs, labels, num_bins)
+    edges = np.linspace(0, 1, num_bins + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"bin": np.arange(num_bins), "lower": edges[:-1], "upper": edges[1:],
+                             "count": count.numpy().astype(int),
+                             "confidence": (confidence_sum / count).numpy(),
+                             "accuracy": (correct_sum / count).numpy()})
+
+
+def fit_temperature(logits, labels, max_iter=50):
+    """Temperature scaling (Guo et al. 2017): the scalar T > 0 that minimizes the cross-entropy of
+    softmax(logits / T) on held-out data (the ID validation set; never the test domains). Fitted with
+    torch.optim.LBFGS (strong Wolfe line search); our choice is to optimize log T, so T stays positive."""
+    logits = torch.as_tensor(logits).detach().double().cpu()
+    labels = torch.as_tensor(labels).long().cpu()
+    log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_temperature.detach().exp())
 
 
 def harmonic_mean(base, new):
@@ -56,8 +144,11 @@ def harmonic_mean(base, new):
 def summarize(results, train_domains, base_group="base", new_group="new"):
     """One row per (method, seed): id (base classes, training domains), domain_shift (base classes, the other
     domains, mean over domains), new (new classes, mean over all domains), base (base classes, mean over all
-    domains) and hm, the harmonic mean of base and new."""
+    domains) and hm, the harmonic mean of base and new. When the results have an ece column (tables stored
+    before it existed have none), id_ece, domain_shift_ece and new_ece are the same means of the per-domain ECE
+    (our choice: a mean over domains like the accuracies, not the ECE of the pooled images)."""
     keys = [k for k in ("method", "seed") if k in results.columns]
+    calibrated = "ece" in results.columns
 
     def per_run(frame):
         base = frame[frame.group == base_group]
@@ -68,9 +159,14 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
                "base": base.accuracy.mean(),
                "new": new.accuracy.mean() if len(new) else np.nan}
         out["hm"] = harmonic_mean(out["base"], out["new"])
+        if calibrated:
+            out["id_ece"] = base[seen].ece.mean()
+            out["domain_shift_ece"] = base[~seen].ece.mean()
+            out["new_ece"] = new.ece.mean() if len(new) else np.nan
         return pd.Series(out)
 
-    return results.groupby(keys, sort=False)[["domain", "group", "accuracy"]].apply(per_run).reset_index()
+    columns = ["domain", "group", "accuracy"] + (["ece"] if calibrated else [])
+    return results.groupby(keys, sort=False)[columns].apply(per_run).reset_index()
 
 
 def confidence_interval(values, level=0.95):

@@ -279,3 +279,76 @@ def id_ood_scatter(table, x_metrics=("domain_shift", "new"), title="every method
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def reliability_diagram(tables, title="reliability diagram", ece=None):
+    """One panel per label of {label: lib.evaluate.reliability_table(probs, labels)}: bars of accuracy per
+    confidence bin, the gap to the bin's mean confidence in red, the diagonal of perfect calibration, and the
+    share of images per bin as a line on a second axis. ece: {label: value} for the panel titles (computed from
+    the table when not given)."""
+    labels = list(tables)
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.3 * len(labels) + 0.6, 3.6), squeeze=False, sharey=True)
+    shares = []
+    for ax, label in zip(axes[0], labels):
+        table = tables[label]
+        width = float((table.upper - table.lower).iloc[0])
+        filled = table[table["count"] > 0]
+        value = ece[label] if ece else float((filled["count"] * (filled.accuracy - filled.confidence).abs()).sum()
+                                             / max(1, filled["count"].sum()))
+        ax.bar(filled.lower, 100 * filled.accuracy, width, align="edge", color=sns.color_palette("colorblind")[0],
+               edgecolor="white", label="accuracy")
+        ax.bar(filled.lower, 100 * (filled.confidence - filled.accuracy), width, bottom=100 * filled.accuracy,
+               align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 100], "--", color="gray", label="perfect calibration")
+        share = ax.twinx()  # how many images each bin holds: a large gap in an almost empty bin matters little
+        share.plot(table.lower + width / 2, 100 * table["count"] / max(1, table["count"].sum()), ".-", color="black",
+                   alpha=0.5, ms=4, label="images in bin")
+        share.set_ylim(0, 100)
+        share.grid(False)
+        share.tick_params(labelright=ax is axes[0][-1])
+        shares.append(share)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{label}\nECE = {100 * value:.1f} %", fontsize=10)
+        ax.set_xlabel("confidence (top-class probability)")
+    axes[0][0].set_ylabel("accuracy (%)")
+    shares[-1].set_ylabel("images in bin (%)")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    share_handles, share_names = shares[0].get_legend_handles_labels()
+    fig.legend(handles + share_handles, names + share_names, loc="lower center", ncol=4, fontsize=8,
+               bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def change_figure(table, title="where each method changes the model"):
+    """The per-block picture from lib.change.change_table: top row the relative weight change
+    ||theta - theta_0|| / ||theta_0|| per residual block (log scale), bottom row the linear CKA of each block's
+    output with the zero-shot model's (1 = unchanged up to rotation and scale); one column per tower, one line
+    per method. Blocks outside the residual stack (block -1) are left out."""
+    blocks = table[table.block >= 0]
+    encoders = [e for e in ("image", "text") if e in set(blocks.encoder)]
+    methods = list(dict.fromkeys(table["method"]))
+    palette = dict(zip(methods, sns.color_palette("husl", len(methods))))
+    fig, axes = plt.subplots(2, len(encoders), figsize=(4.6 * len(encoders) + 1.6, 6.4), squeeze=False,
+                             sharex="col")
+    for column, encoder in enumerate(encoders):
+        rows = blocks[blocks.encoder == encoder]
+        moved = rows[rows.relative_change > 0]
+        for row, (data, metric, label) in enumerate(((moved, "relative_change", "relative weight change"),
+                                                      (rows, "cka", "CKA with zero-shot output"))):
+            ax = axes[row][column]
+            sns.lineplot(data=data, x="block", y=metric, hue="method", hue_order=methods, palette=palette,
+                         marker="o", ax=ax, legend=row == 0 and column == len(encoders) - 1)
+            ax.set_ylabel(label)
+            ax.set_xlabel("residual block (stage for a ResNet)" if row == 1 else "")
+            ax.set_xticks(sorted(set(rows.block)))
+        axes[0][column].set_yscale("log")
+        axes[0][column].set_title(f"{encoder} encoder")
+    legend = axes[0][-1].get_legend()
+    if legend is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="method", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
