@@ -72,8 +72,8 @@ def test_explicit_sizes_override_the_budget_sweep_and_become_columns(tmp_path):
     ({"methods": ["ft", "ft+bmaa"]}, ValueError, "Unknown modifier"),
     ({"methods": ["ft"], "hparams": {"learning_rate": 1.0}}, ValueError, "Unknown hyperparameter"),
     ({"methods": ["ft"], "hparams": {"num_steps": 10}}, ValueError, "give them as grid keys"),
-    ({"num_steps": "ten"}, ValueError, "num_steps must be a positive integer"),
-    ({"batch_size": [16, 0]}, ValueError, "batch_size must be a positive integer"),
+    ({"num_steps": "ten"}, ValueError, "num_steps must be an integer >= 1"),
+    ({"batch_size": [16, 0]}, ValueError, "batch_size must be an integer >= 1"),
     ({"methodz": ["ft"]}, ValueError, "Unknown grid key"),
     ({"budget": "huge"}, ValueError, "Unknown budget"),
     ({"datasets": ["shapeworld", "PACS"], "data_root": "/nonexistent-root"}, FileNotFoundError, "DomainBed layout"),
@@ -146,7 +146,7 @@ def test_the_cli_maps_flags_to_grid_keys_over_a_grid_file(monkeypatch, tmp_path)
 
     def stop(grid, *args):
         raise Mapped(grid)
-    monkeypatch.setattr(runner, "run_grid", stop)
+    monkeypatch.setattr(runner, "prepare", stop)
     grid_file = tmp_path / "grid.json"
     grid_file.write_text(json.dumps({"methods": ["ft"], "seeds": [5], "datasets": ["shapeworld"]}))
     with pytest.raises(Mapped) as mapped:
