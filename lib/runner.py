@@ -253,7 +253,8 @@ def _claim(path, blocking):
         if fd is not None and decision is not None and path.exists():
             # Removed (while held) only once the result exists: a runner that opens the name afterwards locks a new
             # file and finds the result; after a failure the file stays, so two waiters cannot both take the run.
-            os.unlink(lock_path)
+            with contextlib.suppress(FileNotFoundError):  # a runner that finished the run removed it already
+                os.unlink(lock_path)
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the lock
