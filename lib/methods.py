@@ -11,6 +11,8 @@ method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
 import math
 
 import torch
+import torch.distributed as dist
+from open_clip.loss import gather_features
 from sklearn.linear_model import LogisticRegression
 
 from . import anchors
@@ -518,26 +520,46 @@ class ContrastiveFineTune(Method):
     def loss(self, model, images, labels, indices):
         scale = model.logit_scale.exp()
         image_features = model.encode_image(images, normalize=True)
-        choice = torch.randint(len(self.hparams["templates"]), (len(labels),), generator=self.generator)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # Draws are made for the global batch and sliced like it (lib.train gives rank r the items r::world), so that
+        # N processes draw what one process draws.
+        choice = torch.randint(len(self.hparams["templates"]), (len(labels) * world,), generator=self.generator)
+        choice = choice[rank::world]
         prompts = [self.prompts[y][t] for y, t in zip(labels.tolist(), choice.tolist())]
         # A batch repeats few distinct prompts (classes x templates): encode each once, then index.
         distinct = sorted(set(prompts))
         rows = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
-        loss = contrastive_loss(image_features, self._text(model, distinct)[rows], scale)
+        loss = _global_contrastive_loss(image_features, self._text(model, distinct)[rows], scale)
         if self.hparams["cap_weight"]:
             captions = [self.captions[i] for i in indices.tolist()]
-            loss = loss + self.hparams["cap_weight"] * contrastive_loss(
+            loss = loss + self.hparams["cap_weight"] * _global_contrastive_loss(
                 image_features, self._text(model, captions), scale)
         if self.hparams["ret_weight"]:
-            count = max(1, round(self.hparams["anchor_fraction"] * len(indices)))
-            pairs = anchors.anchor_pairs(indices[:count], self.neighbours, self.anchor_set, self.generator)
+            # The first `count` images of the global batch bring a pair; under N processes count is rounded up to a
+            # multiple of N, so that every rank gathers as many pairs as the others.
+            count = max(1, round(self.hparams["anchor_fraction"] * len(indices) * world))
+            count = -(-count // world) * world
+            columns = torch.randint(self.neighbours.shape[1], (count,), generator=self.generator)[rank::world]
+            pairs = anchors.anchor_pairs(indices[:count // world], self.neighbours, self.anchor_set,
+                                         columns=columns)
             anchor_features = model.encode_image(pairs.images.to(self.device), normalize=True)
-            loss = loss + self.hparams["ret_weight"] * contrastive_loss(
+            loss = loss + self.hparams["ret_weight"] * _global_contrastive_loss(
                 anchor_features, self._text(model, pairs.captions), scale)
         return loss
 
     def after_step(self, model, step):
         clamp_logit_scale(model)  # the scale trains here, as in pretraining
+
+
+def _global_contrastive_loss(image_features, text_features, scale):
+    """contrastive_loss over the whole global batch under torch.distributed: open_clip's gather_features (with
+    gradients, as its ClipLoss does) brings every rank's features, so each rank's negatives are the global batch's.
+    Every rank then computes the same loss, and the gathered gradient of each rank's own features is world times
+    its share; lib.train divides the all-reduced sum by world, so a step is the one-process step."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        image_features, text_features = gather_features(image_features, text_features, gather_with_grad=True,
+                                                        rank=dist.get_rank(), world_size=dist.get_world_size())
+    return contrastive_loss(image_features, text_features, scale)
 
 
 class AnchorRobustFineTune(ContrastiveFineTune):

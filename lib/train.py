@@ -92,8 +92,8 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     Data-parallel under torch.distributed (torchrun; nccl on GPUs, gloo on the CPU): every rank draws the same
     global batch, computes the loss on its 1/world_size share, and gradients are averaged across ranks before the
     method's hooks and clipping. For losses that are means over examples (ft, mms, ce, ...) a step is then the
-    single-process step on the global batch, up to float rounding. Batch-coupled losses (the contrastive loss of
-    flyp and arf) see only their share's negatives, as open_clip's training does without gathering features.
+    single-process step on the global batch, up to float rounding. The contrastive losses of flyp and arf gather
+    the features of every rank (open_clip's gather_features), so they too see the global batch's negatives.
     """
     from .methods import get_method  # methods import this module for set_seed and friends
     method = get_method(method, **hparams) if isinstance(method, str) else method
