@@ -127,6 +127,8 @@ def check_model(name, pretrained=None):
         if pretrained and not Path(pretrained).exists():
             raise FileNotFoundError(f"mini-CLIP checkpoint not found at {pretrained}; leave pretrained=None for the "
                                     f"committed data/mini_clip.pt.")
+        if pretrained:
+            _read_checkpoint(pretrained)
         return
     known = open_clip.list_models()
     if name not in known:
