@@ -320,16 +320,18 @@ class AnchorBatch(NamedTuple):
     captions: list
 
 
-def anchor_pairs(train_indices, neighbours, candidate_set, generator=None):
+def anchor_pairs(train_indices, neighbours, candidate_set, generator=None, columns=None):
     """One retrieved image-text pair per training image of a batch, for the L_Ret contrastive term.
 
     train_indices are the batch's indices into the training set, neighbours the [N_train, k] result of
     `retrieve_anchors`. Our choice: for each training image, one of its k neighbours is drawn uniformly with
     `generator` (a torch.Generator, for reproducible runs), so over the epochs every neighbour is used while a
     batch keeps one anchor per image. Images come through candidate_set's transform, like training images.
+    columns, when given, are the drawn neighbour columns (one per training image) instead of drawing them.
     """
     train_indices = torch.as_tensor(train_indices, dtype=torch.long)
-    column = torch.randint(neighbours.shape[1], (len(train_indices),), generator=generator)
+    column = torch.randint(neighbours.shape[1], (len(train_indices),), generator=generator) if columns is None \
+        else torch.as_tensor(columns, dtype=torch.long)
     chosen = neighbours[train_indices, column]
     images = [candidate_set[int(i)][0] for i in chosen]
     if not all(isinstance(image, torch.Tensor) for image in images):

@@ -44,12 +44,20 @@ def beta_weights(total_steps: int, beta: float) -> np.ndarray:
     """
     _check_beta_args(total_steps, beta)
     x = (np.arange(total_steps + 1) + 0.5) / (total_steps + 1)
-    return scipy.stats.beta.pdf(x, beta, beta)
+    weights = scipy.stats.beta.pdf(x, beta, beta)
+    # The running mean starts from w_0 alone (r = w_i / sum_{k<i} w_k), so w_0 must not underflow to 0.
+    if not (np.isfinite(weights).all() and weights[0] > 0):
+        raise ValueError(
+            f"BMA beta={beta} over {total_steps} steps puts a weight of 0 (float underflow) on the zero-shot "
+            "state, so the Beta-weighted mean is undefined; use a smaller beta (CLIPood uses 0.5, 0.1 for "
+            "open classes; a beta in the hundreds already averages only the middle of training)"
+        )
+    return weights
 
 
 def _check_beta_args(total_steps: int, beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"BMA beta must be > 0 (CLIPood uses 0.5, or 0.1 for open classes); got {beta}")
+    if not (beta > 0 and np.isfinite(beta)):
+        raise ValueError(f"BMA beta must be a finite number > 0 (CLIPood uses 0.5, or 0.1 for open classes); got {beta}")
     if int(total_steps) != total_steps or total_steps < 1:
         raise ValueError(f"total_steps must be a positive integer (the number of optimizer steps); got {total_steps}")
 

@@ -52,7 +52,8 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
 def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device="auto", progress=True, **hparams):
     """Fine-tune `method` with `seed` on bench.train and evaluate it on bench.test: the one run that compare and
     lib.runner repeat. Returns (table, trained): lib.evaluate.evaluate's table without method or seed columns
-    (callers label it) and the Trained."""
+    (callers label it) and the Trained. The prompt templates are the benchmark's unless hparams set them."""
+    hparams = {"templates": bench.templates, **hparams}
     trained = finetune(model, method, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
                        progress=progress, batch_size=batch_size, **hparams)
     table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
@@ -116,7 +117,7 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     for name, fraction, seed in tqdm(runs, desc="runs", disable=not progress):
         train = fraction_sample(bench.train, fraction, seed)
         steps = num_steps if len(train) else 0
-        method = get_method(name, batch_size=batch_size, **hparams.get(name, {}))
+        method = get_method(name, batch_size=batch_size, **{"templates": bench.templates, **hparams.get(name, {})})
         run = finetune(model, method, train, tokenizer, num_steps=steps, seed=seed, device=device,
                        progress=progress)
         outputs = [(name, run.model, run.head)]

@@ -8,11 +8,16 @@ method, so names compose: "ft+bma", "mms+bma" (= "clipood"), "saft+mms+bma".
     >>> method.hparams["lr"]
     3e-05
 """
+import math
+
 import torch
+import torch.distributed as dist
+from open_clip.loss import gather_features
 from sklearn.linear_model import LogisticRegression
 
 from . import anchors
-from .averaging import BetaMovingAverage, StochasticWeightAverage
+from .averaging import BetaMovingAverage, StochasticWeightAverage, beta_weights
+from .checks import Number, check_number
 from .losses import contrastive_loss, cross_entropy_loss, mms_loss
 from .models import SHAPEWORLD_TEMPLATES, encode_images, encode_text, zeroshot_head
 from .sparse import SCORE_STRATEGIES, SparseAdamW, parameter_scores, saft_mask
@@ -25,6 +30,11 @@ class Method:
     trains = True
     HPARAMS = dict(lr=1e-4, weight_decay=0.1, batch_size=64, num_steps=150, warmup_steps=10, grad_clip=1.0,
                    templates=SHAPEWORLD_TEMPLATES)
+    # The values every numeric hyperparameter may take, checked when the method is built (merged like HPARAMS).
+    RANGES = dict(lr=Number(0, low_open=True, why="the optimizer's step size"), weight_decay=Number(0),
+                  batch_size=Number(1, integer=True), num_steps=Number(0, integer=True),
+                  warmup_steps=Number(0, integer=True),
+                  grad_clip=Number(0, why="the bound on the global gradient norm; 0 turns clipping off"))
 
     def __init__(self, **hparams):
         defaults = self.defaults()
@@ -33,13 +43,18 @@ class Method:
             raise ValueError(f"Unknown hyperparameter(s) {unknown} for method {self.name!r}; "
                              f"it takes {sorted(defaults)}.")
         self.hparams = {**defaults, **hparams}
+        for name, rule in self.defaults("RANGES").items():
+            check_number(self.name, name, self.hparams[name], rule)
 
     @classmethod
-    def defaults(cls):
+    def defaults(cls, attribute="HPARAMS"):
         merged = {}
         for klass in reversed(cls.__mro__):
-            merged.update(getattr(klass, "HPARAMS", {}))
+            merged.update(getattr(klass, attribute, {}))
         return merged
+
+    def check_dataset(self, dataset):
+        """Raise, before training, if the method cannot run on `dataset` (a benchmark name) as configured."""
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         """Called once before training, on the copy of the model that will train."""
@@ -93,6 +108,8 @@ class LinearProbe(Method):
     name = "lp"
     trains = False
     HPARAMS = dict(C=1.0, max_iter=1000)
+    RANGES = dict(C=Number(0, low_open=True, why="the inverse regularization strength"),
+                  max_iter=Number(1, integer=True))
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         features = encode_images(model, train_set).numpy()
@@ -127,17 +144,10 @@ class MarginMetricSoftmax(FrozenTextMethod):
     temperature (CLIPood's default: logit_scale.exp(), 100 for OpenAI's CLIPs); `scale` overrides it."""
     name = "mms"
     HPARAMS = dict(lam=0.3, scale=None)
-
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        lam, scale = self.hparams["lam"], self.hparams["scale"]
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"mms: lam is the margin weight and must be a number >= 0 (CLIPood uses 0.3, "
-                             f"0.1 in the wild; 0 is plain cross-entropy, the same loss as ft); got {lam!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not 0 < scale < float("inf")):
-            raise ValueError(f"mms: scale is the inverse temperature, a finite number > 0, or None for the "
-                             f"model's own logit_scale.exp(); got {scale!r}")
+    RANGES = dict(lam=Number(0, why="the margin weight: CLIPood uses 0.3, 0.1 in the wild; 0 is plain "
+                                    "cross-entropy, the same loss as ft"),
+                  scale=Number(0, low_open=True, none_ok=True,
+                               why="the inverse temperature; None: the model's own logit_scale.exp()"))
 
     def loss(self, model, images, labels, indices):
         image_features = model.encode_image(images, normalize=True)
@@ -148,17 +158,27 @@ class MarginMetricSoftmax(FrozenTextMethod):
 class Modifier(Method):
     """Wraps a base method and adds behaviour around its steps; hyperparameters of both are accepted."""
     MODIFIER_HPARAMS = {}
+    MODIFIER_RANGES = {}
 
     def __init__(self, base, **hparams):
         unknown = sorted(set(hparams) - set(self.MODIFIER_HPARAMS))
         if unknown:
             raise ValueError(f"Unknown hyperparameter(s) {unknown} for modifier {self.name!r}; "
                              f"it takes {sorted(self.MODIFIER_HPARAMS)}.")
+        if not base.trains:
+            raise ValueError(f"The modifier {self.name!r} acts on training steps, but {base.name!r} does not train "
+                             f"(it has no optimizer steps); use it on a method that trains, e.g. "
+                             f"'ft+{self.name}' or 'ce+{self.name}'.")
         self.base = base
         self.hparams = base.hparams  # one shared dict, so the base method sees every override too
         self.hparams.update({**self.MODIFIER_HPARAMS, **hparams})
         self.name = f"{base.name}+{self.name}"
         self.trains = base.trains
+        for name, rule in self.MODIFIER_RANGES.items():
+            check_number(self.name, name, self.hparams[name], rule)
+
+    def check_dataset(self, dataset):
+        self.base.check_dataset(dataset)
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         self.base.setup(model, tokenizer, train_set, num_steps, seed)
@@ -187,14 +207,13 @@ class BetaAverage(Modifier):
     every later state of the trajectory."""
     name = "bma"
     MODIFIER_HPARAMS = dict(beta=0.5)
+    MODIFIER_RANGES = dict(beta=Number(0, low_open=True, why="the Beta(beta, beta) shape: CLIPood uses 0.5, 0.1 "
+                                                             "for open classes"))
 
     def __init__(self, base, **hparams):
         super().__init__(base, **hparams)
-        beta = self.hparams["beta"]
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"bma: beta is the Beta(beta, beta) shape and must be a number > 0 (CLIPood uses "
-                             f"0.5, 0.1 for open classes); got {beta!r}")
-
+        if self.hparams["num_steps"] >= 1:  # the weights of the planned trajectory must be defined (no underflow)
+            beta_weights(self.hparams["num_steps"], self.hparams["beta"])
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         super().setup(model, tokenizer, train_set, num_steps, seed)
@@ -283,18 +302,15 @@ class SparseAdaptation(Modifier):
     "saft" alone is "ce+saft": one global threshold over both encoders (and logit_scale)."""
     name = "saft"
     MODIFIER_HPARAMS = dict(alpha=0.001, strategy="gradient", score_batches=None)
+    MODIFIER_RANGES = dict(
+        alpha=Number(0, 1, low_open=True, why="the fraction of parameters that train; the paper uses 0.001"),
+        score_batches=Number(1, integer=True, none_ok=True, why="None averages over one epoch"))
 
     def __init__(self, base, **hparams):
         super().__init__(base, **hparams)
-        alpha, strategy = self.hparams["alpha"], self.hparams["strategy"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"saft: alpha is the fraction of parameters that train and must be in (0, 1] "
-                             f"(the paper uses 0.001); got {alpha!r}")
+        strategy = self.hparams["strategy"]
         if strategy not in SCORE_STRATEGIES:
             raise ValueError(f"saft: unknown strategy {strategy!r}; choose one of {list(SCORE_STRATEGIES)}")
-        score_batches = self.hparams["score_batches"]
-        if score_batches is not None and (not isinstance(score_batches, int) or score_batches < 1):
-            raise ValueError(f"saft: score_batches must be a positive int or None (one epoch); got {score_batches!r}")
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         super().setup(model, tokenizer, train_set, num_steps, seed)
@@ -328,7 +344,11 @@ class SparseAdaptation(Modifier):
 
     def make_optimizer(self, named_parameters):
         self.named = list(named_parameters)
-        return SparseAdamW(self.named, self.mask, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        # The base's parameter groups (e.g. vision-only's head_lr), read off the optimizer it would build.
+        groups = [{**group, "params": list(group["params"])}
+                  for group in self.base.make_optimizer(self.named).param_groups]
+        return SparseAdamW(self.named, self.mask, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"],
+                           param_groups=groups)
 
     def before_clip(self, model):
         super().before_clip(model)
@@ -352,6 +372,7 @@ class VisionOnly(Method):
     needs larger logits and a larger step than the encoder; the returned LinearHead folds the scale in)."""
     name = "vision-only"
     HPARAMS = dict(head_lr=1e-2, feature_scale=10.0)
+    RANGES = dict(head_lr=Number(0, low_open=True), feature_scale=Number(0, low_open=True))
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         device = next(model.parameters()).device
@@ -386,28 +407,28 @@ class VisionOnly(Method):
 
 
 class StochasticWeightAveraging(Modifier):
-    """Paper 2's SWA: the model returned is the plain mean of the states after optimizer steps s with
-    s > floor(swa_start * T) and (s - floor(swa_start * T)) % swa_every == 0 (T steps in all), i.e. once per
-    `swa_every` steps over the last (1 - swa_start) of training, starting from a copy (the zero-shot weights are
+    """Paper 2's SWA: the model returned is the plain mean of the states at the ends of the periods of `swa_every`
+    steps (epochs) that start at or after swa_start * T (T steps in all): the states after steps s = k * swa_every
+    with (k - 1) * swa_every >= swa_start * T, i.e. once per epoch over the last (1 - swa_start) of training, as
+    in the paper's code (22 epochs from 2/3: the last 7), starting from a copy (the zero-shot weights are
     not in the average). swa_every=None means one epoch of the training set (len // batch size steps), as in the
     paper's code; if no step qualifies, the final state is the average. The learning rate keeps the loop's
     cosine schedule (no SWALR constant phase: the loop owns one scheduler for every method). `swa_steps` lists
     the averaged steps."""
     name = "swa"
     MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None)
+    MODIFIER_RANGES = dict(
+        swa_start=Number(0, 1, high_open=True, why="the fraction of training before averaging; the paper uses 0.5"),
+        swa_every=Number(1, integer=True, none_ok=True, why="steps between averaged states; None is one epoch"))
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         super().setup(model, tokenizer, train_set, num_steps, seed)
         start, every = self.hparams["swa_start"], self.hparams["swa_every"]
-        if not 0 <= start < 1:
-            raise ValueError(f"swa: swa_start is a fraction of training in [0, 1) (the paper uses 0.5); got {start!r}")
         if every is None:
             every = max(1, len(train_set) // max(1, min(self.hparams["batch_size"], len(train_set))))
-        if int(every) != every or every < 1:
-            raise ValueError(f"swa: swa_every must be a positive number of steps or None (one epoch); got {every!r}")
-        first = int(start * num_steps)
-        self.swa_steps = [s for s in range(first + 1, num_steps + 1) if (s - first) % int(every) == 0] \
-            or ([num_steps] if num_steps > 0 else [])
+        # The first period boundary at or after the start; rounded first, so that 0.7 * 10 counts as 7.
+        first = math.ceil(round(start * num_steps / every, 9)) * every
+        self.swa_steps = list(range(first + every, num_steps + 1, every)) or ([num_steps] if num_steps > 0 else [])
         self.average = StochasticWeightAverage(model)
 
     def after_step(self, model, step):
@@ -449,18 +470,28 @@ class ContrastiveFineTune(Method):
     name = "flyp"
     HPARAMS = dict(cap_weight=0.0, ret_weight=0.0, caption_noise=0.0, captions=None, candidates=None,
                    num_candidates=20_000, k=8, anchor_fraction=0.5)
+    RANGES = dict(cap_weight=Number(0, why="the weight of the caption-anchor loss"),
+                  ret_weight=Number(0, why="the weight of the retrieved-anchor loss"),
+                  caption_noise=Number(0, 1, why="the chance of a wrong attribute word"),
+                  num_candidates=Number(1, integer=True), k=Number(1, integer=True),
+                  anchor_fraction=Number(0, 1, low_open=True, why="the share of a batch's images that bring a "
+                                                                  "retrieved pair"))
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        for weight in ("cap_weight", "ret_weight"):
-            value = self.hparams[weight]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{self.name}: {weight} weighs an anchor loss and must be a number >= 0; got {value!r}")
-        if not 0 < self.hparams["anchor_fraction"] <= 1:
-            raise ValueError(f"{self.name}: anchor_fraction is the share of a batch's images that bring a retrieved "
-                             f"pair, in (0, 1]; got {self.hparams['anchor_fraction']!r}")
+    def check_dataset(self, dataset):
+        """ShapeWorld brings its own captioner and candidate corpus; a folder dataset needs them as files."""
+        if dataset == "shapeworld":
+            return
+        if self.hparams["cap_weight"] and not self.hparams["captions"]:
+            raise ValueError(f"{self.name} on {dataset!r} needs a caption for every training image (its caption "
+                             f"anchors): give --hparam captions=PATH.csv (columns path,caption), or set "
+                             f"cap_weight=0 (e.g. the method 'arf-ret').")
+        if self.hparams["ret_weight"] and self.hparams["candidates"] is None:
+            raise ValueError(f"{self.name} on {dataset!r} needs a web-like candidate corpus to retrieve anchors "
+                             f"from (ShapeWorld's would be silently wrong here): give --hparam "
+                             f"candidates=PATH.csv (columns path,caption), or set ret_weight=0 (e.g. 'arf-cap').")
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
+        self.check_dataset("shapeworld" if train_set.scenes is not None else "a folder dataset")
         device = next(model.parameters()).device
         self.tokenizer, self.device = tokenizer, device
         templates = self.hparams["templates"]
@@ -492,26 +523,46 @@ class ContrastiveFineTune(Method):
     def loss(self, model, images, labels, indices):
         scale = model.logit_scale.exp()
         image_features = model.encode_image(images, normalize=True)
-        choice = torch.randint(len(self.hparams["templates"]), (len(labels),), generator=self.generator)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # Draws are made for the global batch and sliced like it (lib.train gives rank r the items r::world), so that
+        # N processes draw what one process draws.
+        choice = torch.randint(len(self.hparams["templates"]), (len(labels) * world,), generator=self.generator)
+        choice = choice[rank::world]
         prompts = [self.prompts[y][t] for y, t in zip(labels.tolist(), choice.tolist())]
         # A batch repeats few distinct prompts (classes x templates): encode each once, then index.
         distinct = sorted(set(prompts))
         rows = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
-        loss = contrastive_loss(image_features, self._text(model, distinct)[rows], scale)
+        loss = _global_contrastive_loss(image_features, self._text(model, distinct)[rows], scale)
         if self.hparams["cap_weight"]:
             captions = [self.captions[i] for i in indices.tolist()]
-            loss = loss + self.hparams["cap_weight"] * contrastive_loss(
+            loss = loss + self.hparams["cap_weight"] * _global_contrastive_loss(
                 image_features, self._text(model, captions), scale)
         if self.hparams["ret_weight"]:
-            count = max(1, round(self.hparams["anchor_fraction"] * len(indices)))
-            pairs = anchors.anchor_pairs(indices[:count], self.neighbours, self.anchor_set, self.generator)
+            # The first `count` images of the global batch bring a pair; under N processes count is rounded up to a
+            # multiple of N, so that every rank gathers as many pairs as the others.
+            count = max(1, round(self.hparams["anchor_fraction"] * len(indices) * world))
+            count = -(-count // world) * world
+            columns = torch.randint(self.neighbours.shape[1], (count,), generator=self.generator)[rank::world]
+            pairs = anchors.anchor_pairs(indices[:count // world], self.neighbours, self.anchor_set,
+                                         columns=columns)
             anchor_features = model.encode_image(pairs.images.to(self.device), normalize=True)
-            loss = loss + self.hparams["ret_weight"] * contrastive_loss(
+            loss = loss + self.hparams["ret_weight"] * _global_contrastive_loss(
                 anchor_features, self._text(model, pairs.captions), scale)
         return loss
 
     def after_step(self, model, step):
         clamp_logit_scale(model)  # the scale trains here, as in pretraining
+
+
+def _global_contrastive_loss(image_features, text_features, scale):
+    """contrastive_loss over the whole global batch under torch.distributed: open_clip's gather_features (with
+    gradients, as its ClipLoss does) brings every rank's features, so each rank's negatives are the global batch's.
+    Every rank then computes the same loss, and the gathered gradient of each rank's own features is world times
+    its share; lib.train divides the all-reduced sum by world, so a step is the one-process step."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        image_features, text_features = gather_features(image_features, text_features, gather_with_grad=True,
+                                                        rank=dist.get_rank(), world_size=dist.get_world_size())
+    return contrastive_loss(image_features, text_features, scale)
 
 
 class AnchorRobustFineTune(ContrastiveFineTune):

@@ -1,6 +1,7 @@
 """Loading CLIP models (open_clip by name, or the project's own mini-CLIP) and zero-shot heads."""
 import contextlib
 import json
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -90,18 +91,20 @@ def _tensor_friendly(preprocess):
     return apply
 
 
-def load_clip(name, pretrained=None, device="auto"):
+def load_clip(name, pretrained=None, device="auto", quick_gelu=None):
     """(model, preprocess, tokenizer) for "mini" or any open_clip model name, in eval mode on `device`.
 
     pretrained: for "mini", None loads the committed checkpoint and a path loads another one; for open_clip
     names, None gives random weights (seeded: the same on every call), a tag such as "openai" uses open_clip's
     cache (download it beforehand), and a path loads a local checkpoint file.
+    quick_gelu: the activation of open_clip models (OpenAI's weights were trained with QuickGELU); None decides
+    it from the weights (see quick_gelu_for), never from a file name.
     """
     device = pick_device(device)
     if name == "mini":
         model, preprocess, tokenizer = _load_mini(pretrained), mini_preprocess, mini_tokenizer()
     else:
-        model, preprocess, tokenizer = _load_open_clip(name, pretrained)
+        model, preprocess, tokenizer = _load_open_clip(name, pretrained, quick_gelu)
     return model.to(device).eval(), preprocess, tokenizer
 
 
@@ -117,7 +120,16 @@ def _load_mini(pretrained):
     return model
 
 
-def _load_open_clip(name, pretrained):
+def check_model(name, pretrained=None):
+    """Raise, before anything loads or trains, if `name` is not a model or `pretrained` is a checkpoint file that
+    is missing or unreadable (lib.runner checks a grid with it)."""
+    if name == "mini":
+        if pretrained and not Path(pretrained).exists():
+            raise FileNotFoundError(f"mini-CLIP checkpoint not found at {pretrained}; leave pretrained=None for the "
+                                    f"committed data/mini_clip.pt.")
+        if pretrained:
+            _read_checkpoint(pretrained)
+        return
     known = open_clip.list_models()
     if name not in known:
         close = [m for m in known if name.lower().replace("/", "-") in m.lower()][:8]
@@ -127,8 +139,49 @@ def _load_open_clip(name, pretrained):
             and not Path(pretrained).exists():
         raise FileNotFoundError(f"Checkpoint file {pretrained} does not exist. Give the path of a local "
                                 f"open_clip checkpoint for {name}, or a tag such as 'openai'.")
-    # openai weights were trained with QuickGELU; open_clip only switches it on by itself for the tag.
-    quick_gelu = pretrained == "openai" or (pretrained is not None and "openai" in Path(str(pretrained)).name)
+    if pretrained and Path(pretrained).is_file():
+        _read_checkpoint(pretrained)
+
+
+def quick_gelu_for(name, pretrained):
+    """Whether open_clip weights need QuickGELU (OpenAI's were trained with it; open_clip switches it on by itself
+    only for the "openai" tag): a tag says so in open_clip's pretrained config; a file says so by being one of
+    OpenAI's TorchScript releases or by a "quick_gelu" entry of its dict; anything else is GELU, open_clip's
+    default (pass quick_gelu=True to load_clip for OpenAI weights saved as a plain state dict)."""
+    if pretrained is None:
+        return False
+    if Path(pretrained).is_file():
+        return _read_checkpoint(pretrained)["quick_gelu"]
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
+def _read_checkpoint(path):
+    """{"quick_gelu": bool} from a checkpoint file, or one clear error for a file torch cannot read (empty,
+    truncated, random bytes) instead of an EOFError or torch's advice to turn weights_only off."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as file:
+                return {"quick_gelu": (file.metadata() or {}).get("quick_gelu", "false").lower() == "true"}
+        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            return {"quick_gelu": True}  # a TorchScript archive: OpenAI's release format
+        # mmap: the tensors are not read, so checking a ViT-B-16 file costs little
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:
+        detail = (str(error).splitlines() or ["no details"])[0]
+        raise ValueError(f"Checkpoint {path} cannot be read ({type(error).__name__}: {detail}); it is empty, "
+                         f"truncated or not a torch checkpoint. Download it again, or give the path of an "
+                         f"open_clip state dict saved with torch.save.") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict; save "
+                         f"model.state_dict() with torch.save.")
+    return {"quick_gelu": bool(checkpoint.get("quick_gelu", False))}
+
+
+def _load_open_clip(name, pretrained, quick_gelu=None):
+    check_model(name, pretrained)
+    quick_gelu = quick_gelu_for(name, pretrained) if quick_gelu is None else bool(quick_gelu)
     try:
         # A seeded initialization, so that random weights are the same on every call and machine, in a forked
         # random state, so that loading a model leaves the caller's random numbers as they were.

@@ -298,6 +298,7 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        param_groups: list[dict] | None = None,
     ):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0; got {lr}, {eps}, {weight_decay}")
@@ -318,7 +319,9 @@ class SparseAdamW(torch.optim.Optimizer):
             if indices.numel() > 0:
                 self.selected_indices[param] = indices
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__([param for _, param in named_params], defaults)
+        # param_groups (torch's list of {"params": [...], "lr": ...}) keeps a base method's per-group settings;
+        # it must hold the same parameters as named_params.
+        super().__init__(param_groups or [param for _, param in named_params], defaults)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checks import check_number
 from .models import autocast, pick_device
 
 
@@ -91,12 +92,15 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     Data-parallel under torch.distributed (torchrun; nccl on GPUs, gloo on the CPU): every rank draws the same
     global batch, computes the loss on its 1/world_size share, and gradients are averaged across ranks before the
     method's hooks and clipping. For losses that are means over examples (ft, mms, ce, ...) a step is then the
-    single-process step on the global batch, up to float rounding. Batch-coupled losses (the contrastive loss of
-    flyp and arf) see only their share's negatives, as open_clip's training does without gathering features.
+    single-process step on the global batch, up to float rounding. The contrastive losses of flyp and arf gather
+    the features of every rank (open_clip's gather_features), so they too see the global batch's negatives.
     """
     from .methods import get_method  # methods import this module for set_seed and friends
     method = get_method(method, **hparams) if isinstance(method, str) else method
-    num_steps = method.hparams["num_steps"] if num_steps is None else num_steps
+    if num_steps is not None:  # what runs is what the method records
+        check_number(method.name, "num_steps", num_steps, method.defaults("RANGES")["num_steps"])
+        method.hparams["num_steps"] = num_steps
+    num_steps = method.hparams["num_steps"]
     device = pick_device(device)
     set_seed(seed)
     model = copy.deepcopy(model).to(device)
@@ -129,19 +133,44 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
         if world > 1:
             loss = _average_over_ranks(loss.detach(), [p.grad for p in params if p.grad is not None])
         method.before_clip(model)
-        if method.hparams["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, method.hparams["grad_clip"])
+        # The norm is needed for the guard even without clipping (an infinite bound leaves the gradients as they are).
+        norm = torch.nn.utils.clip_grad_norm_(params, method.hparams["grad_clip"] or math.inf)
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one device sync
+        if not math.isfinite(loss_value) or not math.isfinite(norm_value):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            value = loss_value if what == "loss" else norm_value
+            raise DivergedError(f"{method.name}: the {what} is {value} at step {step + 1} of {num_steps}; "
+                                f"{_likely_cause(method)}")
         optimizer.step()
         scheduler.step()
         method.after_step(model, step)
-        history.append(loss.item())
-    return method.finalize(model.eval(), history)
+        history.append(loss_value)
+    trained = method.finalize(model.eval(), history)
+    bad = [name for name, p in trained.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # e.g. the last step's update overflowed, or a weight average went wrong
+        raise DivergedError(f"{method.name}: the weights it returns are not finite after {num_steps} steps (e.g. "
+                            f"{bad[:3]}); {_likely_cause(method)}")
+    return trained
+
+
+class DivergedError(FloatingPointError):
+    """A run that produced a NaN or infinite loss, gradient or weight: stopped, so that it is never stored."""
+
+
+def _likely_cause(method):
+    return (f"the run diverged, most likely from a learning rate too large for this model (lr="
+            f"{method.hparams['lr']}; the papers use 1e-5 to 1e-4) or an extreme hyperparameter among "
+            f"{ {k: v for k, v in method.hparams.items() if k != 'templates'} }: lower lr (or set grad_clip) and "
+            f"run it again.")
 
 
 def _average_over_ranks(loss, grads):
-    """Average the gradients (in place) and the loss over all ranks; returns the averaged loss."""
-    world = dist.get_world_size()
-    for tensor in [loss, *grads]:
-        dist.all_reduce(tensor)
-        tensor.div_(world)
+    """Average the gradients (in place) and the loss over all ranks, in one all_reduce of one flat buffer (one
+    message instead of one per tensor, as DDP's buckets); returns the averaged loss."""
+    tensors = [loss.reshape(1), *grads]
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(part.view_as(tensor))
     return loss

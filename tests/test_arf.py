@@ -111,7 +111,7 @@ def test_candidate_csv_loads_images_relative_to_the_file(tmp_path):
 
 @pytest.mark.parametrize("name, hparams", [("arf", dict(cap_weight=-1.0)), ("flyp", dict(ret_weight="1"))])
 def test_anchor_weights_must_be_non_negative_numbers(name, hparams):
-    with pytest.raises(ValueError, match="must be a number >= 0"):
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
         methods.get_method(name, **hparams)
 
 

@@ -67,7 +67,7 @@ def test_beta_weights_shapes_of_the_trajectory():
 
 
 def test_beta_weights_errors():
-    with pytest.raises(ValueError, match="beta must be > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         beta_weights(5, 0.0)
     with pytest.raises(ValueError, match="total_steps must be a positive integer"):
         beta_weights(0, 0.5)
@@ -143,9 +143,9 @@ def test_bma_module_is_independent_copy_of_same_type():
 
 def test_bma_errors():
     model = _model()
-    with pytest.raises(ValueError, match="beta must be > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         BetaMovingAverage(model, beta=0.0, total_steps=5)
-    with pytest.raises(ValueError, match="beta must be > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         BetaMovingAverage(model, beta=-1.0, total_steps=5)
     with pytest.raises(ValueError, match="total_steps must be a positive integer"):
         BetaMovingAverage(model, beta=0.5, total_steps=0)

@@ -107,3 +107,14 @@ def tiny_setup():
     model, preprocess, tokenizer = load_clip("mini", device="cpu")
     bench = load_benchmark("shapeworld", None, ["painting"], 2, 1).with_transform(preprocess)
     return model, tokenizer, bench.train
+
+
+@pytest.mark.parametrize("beta, match", [
+    (float("inf"), "beta must be a finite number > 0"),
+    (1e6, "weight of 0 .float underflow. on the zero-shot state"),
+])
+def test_a_beta_that_makes_bma_undefined_is_rejected_when_built(beta, match):
+    with pytest.raises(ValueError, match=match):
+        get_method("clipood", beta=beta)
+    with pytest.raises(ValueError, match=match):
+        get_method("ft+bma", beta=beta, num_steps=6)

@@ -6,7 +6,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lib.data import folders, shapeworld as sw
+from lib import models
+from lib.data import folders, load_benchmark, shapeworld as sw
 
 
 def test_shapeworld_is_deterministic_and_streams_differ():
@@ -129,3 +130,54 @@ def test_k_shot_and_train_test_split():
     assert np.bincount(test.labels.numpy()).tolist() == [3] * len(sw.CLASSES)
     overlap = torch.cdist(train.images.flatten(1), test.images.flatten(1)).min()
     assert overlap > 0
+
+
+def test_folder_checks_find_empty_and_mismatched_class_folders(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "Toy" / "art" / "zebra").mkdir()  # empty, and in one domain only
+    with pytest.raises(ValueError, match=r"different class folders.*missing \{'photo': \['zebra'\]\}.*"
+                                         r"class_folders='intersection'"):
+        folders.load_domainbed(tmp_path, "Toy")
+    (tmp_path / "Toy" / "photo" / "zebra").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"2 class folder\(s\) .* have no images.*'art/zebra', 'photo/zebra'"):
+        folders.load_domainbed(tmp_path, "Toy")
+    (tmp_path / "Toy" / "photo" / "zebra").rmdir()
+    (tmp_path / "Toy" / "art" / "zebra").rmdir()
+    (tmp_path / "Toy" / "art" / "cat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "Toy" / "art" / "cat" / "0.png")
+    kept = folders.load_domainbed(tmp_path, "Toy", class_folders="intersection")
+    assert kept.classnames == ["dog", "horse", "tall giraffe"]
+
+
+def test_unreadable_images_are_all_reported_with_their_paths_before_training(tmp_path):
+    _tree(tmp_path)
+    first = tmp_path / "Toy" / "art" / "dog" / "0.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(first)
+    first.write_bytes(first.read_bytes()[:6000])  # a truncated download: the header reads, the pixels do not
+    second = tmp_path / "Toy" / "art" / "dog" / "1.png"
+    second.write_bytes(b"not an image")
+    with pytest.raises(OSError, match=r"2 of \d+ images cannot be read") as error:
+        load_benchmark("Toy", tmp_path, ["art"], None, None, progress=False)
+    assert str(first) in str(error.value) and str(second) in str(error.value)
+    with pytest.raises(OSError, match=f"Cannot read image {first}"):
+        folders.load_domainbed(tmp_path, "Toy")[0]
+
+
+def test_a_partial_copy_of_a_published_dataset_is_an_error_unless_intended(tmp_path):
+    _tree(tmp_path, domains=("art_painting", "cartoon", "photo", "sketch"),
+          classes=("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"), n=1)
+    (tmp_path / "Toy").rename(tmp_path / "PACS")
+    with pytest.raises(ValueError, match=r"does not match the published PACS: art_painting has 7 images, not 2048.*"
+                                         r"partial=True"):
+        folders.load_domainbed(tmp_path, "PACS")
+    assert len(folders.load_domainbed(tmp_path, "PACS", partial=True)) == 4 * 7
+
+
+def test_folder_benchmarks_cap_the_test_set_check_train_domains_and_use_real_templates(tmp_path):
+    _tree(tmp_path, n=6)
+    bench = load_benchmark("Toy", tmp_path, ["art"], 2, 1, progress=False)
+    assert len(bench.test) == 2 * 3 * 1  # n_test_per_class per domain and class, as on ShapeWorld
+    assert bench.templates == models.REAL_TEMPLATES
+    assert load_benchmark("shapeworld", None, ["photo"], 1, 1).templates == models.SHAPEWORLD_TEMPLATES
+    with pytest.raises(ValueError, match=r"train_domains \['sketch'\] are not domains of Toy"):
+        load_benchmark("Toy", tmp_path, ["sketch"], 2, 1, progress=False)

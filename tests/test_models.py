@@ -113,3 +113,34 @@ def test_random_open_clip_weights_are_seeded_and_leave_the_callers_random_state_
     torch.manual_seed(7)  # another caller state: the same weights
     second = models.load_clip("ViT-B-32", None, "cpu")[0].state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_quick_gelu_comes_from_the_weights_never_from_the_file_name(tmp_path, monkeypatch):
+    plain = tmp_path / "ViT-B-16-openai.pt"  # "openai" in the name, but a plain state dict says nothing
+    torch.save({"w": torch.zeros(1)}, plain)
+    assert models.quick_gelu_for("ViT-B-16", str(plain)) is False
+    marked = tmp_path / "mine.pt"
+    torch.save({"w": torch.zeros(1), "quick_gelu": True}, marked)
+    assert models.quick_gelu_for("ViT-B-16", str(marked)) is True
+    assert models.quick_gelu_for("ViT-B-16", "openai") is True  # open_clip's pretrained config says so
+    assert models.quick_gelu_for("ViT-B-16", "laion2b_s34b_b88k") is False
+    assert models.quick_gelu_for("ViT-B-16", None) is False
+    seen = {}
+
+    def fake_create(name, pretrained=None, force_quick_gelu=False):
+        seen.update(name=name, quick_gelu=force_quick_gelu)
+        raise RuntimeError("stop before building")
+    monkeypatch.setattr(models.open_clip, "create_model_and_transforms", fake_create)
+    for pretrained, option, expected in ((plain, None, False), (plain, True, True), (marked, None, True)):
+        with pytest.raises(RuntimeError, match="stop before building"):
+            models.load_clip("ViT-B-16", pretrained=str(pretrained), quick_gelu=option)
+        assert seen["quick_gelu"] is expected
+
+
+@pytest.mark.parametrize("content", [b"", b"\x8a\x01 random bytes, not a checkpoint \x00" * 10])
+def test_a_corrupt_checkpoint_gives_one_clear_error(tmp_path, content):
+    path = tmp_path / "ViT-B-16.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"Checkpoint .*ViT-B-16.pt cannot be read .*empty, truncated or not a "
+                                         r"torch checkpoint"):
+        models.load_clip("ViT-B-16", pretrained=str(path))

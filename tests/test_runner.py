@@ -72,8 +72,8 @@ def test_explicit_sizes_override_the_budget_sweep_and_become_columns(tmp_path):
     ({"methods": ["ft", "ft+bmaa"]}, ValueError, "Unknown modifier"),
     ({"methods": ["ft"], "hparams": {"learning_rate": 1.0}}, ValueError, "Unknown hyperparameter"),
     ({"methods": ["ft"], "hparams": {"num_steps": 10}}, ValueError, "give them as grid keys"),
-    ({"num_steps": "ten"}, ValueError, "num_steps must be a positive integer"),
-    ({"batch_size": [16, 0]}, ValueError, "batch_size must be a positive integer"),
+    ({"num_steps": "ten"}, ValueError, "num_steps must be an integer >= 1"),
+    ({"batch_size": [16, 0]}, ValueError, "batch_size must be an integer >= 1"),
     ({"methodz": ["ft"]}, ValueError, "Unknown grid key"),
     ({"budget": "huge"}, ValueError, "Unknown budget"),
     ({"datasets": ["shapeworld", "PACS"], "data_root": "/nonexistent-root"}, FileNotFoundError, "DomainBed layout"),
@@ -146,7 +146,7 @@ def test_the_cli_maps_flags_to_grid_keys_over_a_grid_file(monkeypatch, tmp_path)
 
     def stop(grid, *args):
         raise Mapped(grid)
-    monkeypatch.setattr(runner, "run_grid", stop)
+    monkeypatch.setattr(runner, "prepare", stop)
     grid_file = tmp_path / "grid.json"
     grid_file.write_text(json.dumps({"methods": ["ft"], "seeds": [5], "datasets": ["shapeworld"]}))
     with pytest.raises(Mapped) as mapped:
@@ -175,3 +175,129 @@ def test_the_runner_and_compare_give_the_same_results(tmp_path):
     assert list(from_compare.columns[:2]) == ["method", "seed"]
     columns = list(from_compare.columns)
     pd.testing.assert_frame_equal(from_runner[columns], from_compare)
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    """A small DomainBed-layout dataset "Toy": domains art and photo, classes dog, horse (base) and zebra (new)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("domainbed")
+    for d in ("art", "photo"):
+        for c in ("dog", "horse", "zebra"):
+            (root / "Toy" / d / c).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (32, 32), (40 * i, 80, 0)).save(root / "Toy" / d / c / f"{i}.png")
+    return root
+
+
+FOLDER = {"datasets": ["Toy"], "data_root": "TOY", "train_domains": ["photo"], "budget": "smoke"}
+
+
+@pytest.mark.parametrize("grid, error, match", [
+    ({"methods": ["clipood"], "hparams": {"beta": float("inf")}}, ValueError, "beta must be a finite number > 0"),
+    ({"methods": ["clipood"], "hparams": {"beta": 1e6}}, ValueError, "float underflow"),
+    ({"methods": ["ft+swa"], "hparams": {"swa_start": 1.5}}, ValueError, r"swa_start must be a finite number in \[0, 1\)"),
+    ({"methods": ["ft", "lp+saft"]}, ValueError, "'lp' does not train"),
+    ({"methods": ["zeroshot+saft"]}, ValueError, "'zeroshot' does not train"),
+    ({"methods": ["ft"], "model_name": "ViT-Q-99"}, ValueError, "Unknown model name 'ViT-Q-99'"),
+    ({"methods": ["ft"], "train_domains": ["x-ray"]}, ValueError, r"train_domains \['x-ray'\] are not ShapeWorld"),
+    ({**FOLDER, "methods": ["ft", "arf"]}, ValueError, r"arf on 'Toy' needs a caption .*--hparam captions=PATH.csv"),
+    ({**FOLDER, "methods": ["arf-ret"]}, ValueError, r"arf-ret on 'Toy' needs a web-like candidate corpus"),
+    ({**FOLDER, "methods": ["ft"], "train_domains": ["sketch"]}, FileNotFoundError, r"no folder for the train domain"),
+    ({**FOLDER, "methods": ["ft"], "dataset_options": {"class_folders": "union"}}, ValueError, "class_folders must be"),
+])
+def test_the_invalid_grids_of_issue_13_fail_before_any_training(monkeypatch, tmp_path, toy_root, grid, error, match):
+    grid = {**grid, **({"data_root": str(toy_root)} if grid.get("data_root") == "TOY" else {})}
+    monkeypatch.setattr(experiments, "finetune", lambda *a, **k: pytest.fail("trained before validating"))
+    with pytest.raises(error, match=match):
+        runner.run_grid(grid, tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_results_dir_that_cannot_be_written_fails_before_training(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(runner.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(experiments, "finetune", lambda *a, **k: pytest.fail("trained before validating"))
+    with pytest.raises(PermissionError, match="Cannot write results to .*give --results-dir"):
+        runner.run_grid({"methods": ["ft"], "train_domains": ["photo"]}, tmp_path / "results")
+
+
+@pytest.mark.parametrize("hparams", [{"lr": 1e10}])
+def test_a_diverged_run_raises_and_is_never_stored(tmp_path, hparams):
+    grid = {"methods": ["zeroshot", "ft"], "hparams": hparams, "train_domains": ["photo"], "num_steps": 20}
+    with pytest.raises(FloatingPointError, match=r"ft: the .* is (nan|inf) at step"):
+        runner.run_grid(grid, tmp_path, progress=False)
+    stored = [json.loads(p.read_text())["method"] for p in tmp_path.glob("*.json")]
+    assert stored == ["zeroshot"] and len(list(tmp_path.glob("*.csv"))) == 1  # the finished run only
+
+
+def test_folder_datasets_train_with_their_own_templates_and_a_dataset_column(monkeypatch, tmp_path, toy_root,
+                                                                                capsys):
+    real, seen = experiments.finetune, []
+
+    def record(model, method, *args, **kwargs):
+        seen.append(kwargs["templates"])
+        return real(model, method, *args, **kwargs)
+    monkeypatch.setattr(experiments, "finetune", record)
+    runner.main(["--methods", "zeroshot", "--datasets", "shapeworld", "Toy", "--data-root", str(toy_root),
+                 "--train-domains", "photo", "--budget", "smoke", "--results-dir", str(tmp_path), "--device", "cpu"])
+    assert seen == [models.SHAPEWORLD_TEMPLATES, models.REAL_TEMPLATES]
+    table = capsys.readouterr().out
+    assert "dataset" in table and "shapeworld" in table and "Toy" in table
+    results = runner.load_results(runner.expand({"methods": ["zeroshot"], "datasets": ["shapeworld", "Toy"],
+                                                 "data_root": str(toy_root), "train_domains": ["photo"]}), tmp_path)
+    assert set(results.dataset) == {"shapeworld", "Toy"}
+
+
+def test_the_key_of_a_checkpoint_file_follows_its_content(tmp_path):
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"first weights")
+    run = runner.expand({"methods": ["ft"], "model_name": "ViT-B-16", "pretrained": str(checkpoint)})[0]
+    before = runner.run_key(run)
+    checkpoint.write_bytes(b"other weights")
+    assert runner.run_key(run) != before
+
+
+def test_two_runners_on_one_folder_never_train_a_run_twice(monkeypatch, tmp_path):
+    import threading
+    trained = count_trainings(monkeypatch)
+    results, errors = [], []
+
+    def one_runner():
+        try:
+            results.append(runner.run_grid(GRID, tmp_path, progress=False))
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+    threads = [threading.Thread(target=one_runner) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(trained) == sorted((m, s) for m in GRID["methods"] for s in GRID["seeds"])  # each run once
+    assert results[0].equals(results[1]) and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_claim_held_by_another_runner_is_waited_for(tmp_path):
+    import fcntl
+    run = runner.expand(GRID)[0]
+    lock = tmp_path / f"{runner.run_key(run)}.lock"
+    with open(lock, "w") as other:  # another runner's claim
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with runner._claim(tmp_path / f"{runner.run_key(run)}.csv", blocking=False) as claimed:
+            assert claimed is None
+    with runner._claim(tmp_path / f"{runner.run_key(run)}.csv", blocking=False) as claimed:
+        assert claimed is True  # released (as the kernel does when a runner dies)
+
+
+def test_help_and_usage_errors_are_instant():
+    for argv, code in ((["--help"], 0), (["--hparam", "lr"], 2), (["--num-steps", "x"], 2)):
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "lib.runner", *argv], cwd=ROOT, capture_output=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == code and time.monotonic() - start < 2, (argv, done.stderr[-500:])
+    check = subprocess.run([sys.executable, "-c", "import sys, lib.runner; "
+                            "print(sorted(m for m in ('torch', 'pandas', 'open_clip') if m in sys.modules))"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert check.stdout.strip() == "[]"

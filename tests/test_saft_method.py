@@ -154,3 +154,16 @@ def test_one_batch_scores_cover_every_parameter_of_both_encoders():
     assert scores["logit_scale"].item() > 0 and scores["visual.conv1.weight"].abs().sum() > 0
     assert scores["transformer.resblocks.0.attn.in_proj_weight"].abs().sum() > 0
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # .grad fields left alone
+
+
+def test_saft_keeps_the_parameter_groups_of_its_base(setup):
+    """vision-only+saft: the head trains at head_lr, as in vision-only (SparseAdamW takes the base's groups)."""
+    model, tokenizer, train = setup
+    method = methods.get_method("vision-only+saft", alpha=0.5, head_lr=0.05, lr=1e-4, **FAST)
+    trained = finetune(model, method, train, tokenizer, progress=False)
+    optimizer = method.make_optimizer(method.named)
+    head = {id(p) for n, p in method.named if n.startswith("vision_only_head.")}
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert head and {rates[i] for i in head} == {0.05}
+    assert {rates[i] for i in rates if i not in head} == {1e-4}
+    assert trained.head is not None

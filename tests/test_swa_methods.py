@@ -29,11 +29,11 @@ def test_swa_is_the_mean_of_the_states_at_the_chosen_steps(setup, monkeypatch):
     monkeypatch.setattr(methods.EndToEndCrossEntropy, "after_step", record)
     method = methods.get_method("ce-swa", lr=1e-3, batch_size=8, warmup_steps=1, swa_start=0.5, swa_every=2)
     trained = finetune(model, method, train, tokenizer, num_steps=10, progress=False)
-    assert method.swa_steps == [7, 9]  # s > 5 and (s - 5) % 2 == 0
+    assert method.swa_steps == [8, 10]  # the ends of the periods [6, 8) and [8, 10), which start at or after 5
     assert set(recorded) == set(range(1, 11))
     averaged = dict(trained.model.named_parameters())
     for name, value in averaged.items():
-        expected = torch.stack([recorded[s][name] for s in (7, 9)]).mean(0)
+        expected = torch.stack([recorded[s][name] for s in (8, 10)]).mean(0)
         torch.testing.assert_close(value, expected)
     assert not torch.equal(averaged["visual.attnpool.c_proj.weight"], recorded[10]["visual.attnpool.c_proj.weight"])
     # the live (last) state is kept too, for the sweep's shared trajectories
@@ -96,3 +96,14 @@ def test_fraction_sweep_shares_the_swa_trajectory(setup):
     assert (zero["ce"] == zero["ce-swa"]).all()  # fraction 0 is the zero-shot model for both
     summary = experiments.dg_summary(results, bench.train_domains)
     assert list(summary.columns) == ["method", "fraction", "seed", "id", "ood"] and len(summary) == 6
+
+
+def test_swa_averages_the_epochs_that_start_after_the_start_fraction(setup):
+    """22 epochs from 2/3 (14.7 epochs): paper 2's code averages the last 7 epochs (not 8)."""
+    model, tokenizer, train = setup
+    method = methods.get_method("ce+swa", batch_size=8, swa_every=1, swa_start=2 / 3)
+    method.setup(model, tokenizer, train, num_steps=22, seed=0)
+    assert method.swa_steps == list(range(16, 23))
+    method = methods.get_method("ce+swa", batch_size=8, swa_every=1, swa_start=0.7)
+    method.setup(model, tokenizer, train, num_steps=10, seed=0)
+    assert method.swa_steps == [8, 9, 10]  # 0.7 * 10 is 7, not 7.000000000000001

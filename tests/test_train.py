@@ -92,3 +92,60 @@ def test_every_registered_method_runs_a_few_steps(setup, name):
     assert len(trained.history) == (FAST["num_steps"] if method.trains else 0)
     results = evaluate(trained.model, tokenizer, train, groups={"base": list(sw.BASE_CLASSES)}, head=trained.head)
     assert 0 <= results.accuracy.iloc[0] <= 1
+
+
+@pytest.mark.parametrize("name, hparams, match", [
+    ("ft", dict(lr=1e10), r"ft: the (loss|gradient norm) is (nan|inf) at step \d+ of 20.*lower lr"),
+    ("ft+swa", dict(lr=1e10), r"ft\+swa: the (loss|gradient norm) is (nan|inf) at step \d+ of 20"),
+])
+def test_a_diverged_run_stops_with_the_method_step_and_cause(setup, name, hparams, match):
+    model, tokenizer, train = setup
+    with pytest.raises(FloatingPointError, match=match):
+        finetune(model, name, train, tokenizer, progress=False, num_steps=20, batch_size=16, **hparams)
+
+
+def test_non_finite_returned_weights_stop_the_run(setup, monkeypatch):
+    """A state that goes non-finite at the last step (or in a weight average) is caught before it is returned."""
+    model, tokenizer, train = setup
+    method = methods.get_method("ft", **FAST)
+    real = method.finalize
+
+    def poisoned(model, history):
+        with torch.no_grad():
+            next(model.visual.parameters()).fill_(float("nan"))
+        return real(model, history)
+    monkeypatch.setattr(method, "finalize", poisoned)
+    with pytest.raises(FloatingPointError, match="weights it returns are not finite after 4 steps"):
+        finetune(model, method, train, tokenizer, progress=False)
+
+
+def test_finetune_records_the_number_of_steps_that_ran(setup):
+    model, tokenizer, train = setup
+    trained = finetune(model, "ft", train, tokenizer, progress=False, num_steps=2, batch_size=16)
+    assert trained.method.hparams["num_steps"] == 2 == len(trained.history)
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 0"):
+        finetune(model, "ft", train, tokenizer, progress=False, num_steps=2.5)
+
+
+@pytest.mark.parametrize("name, hparams, match", [
+    ("ft", dict(lr=0), r"ft: lr must be a finite number > 0 \(the optimizer's step size\); got 0"),
+    ("ft", dict(lr=float("nan")), "lr must be a finite number > 0"),
+    ("ft", dict(batch_size=8.5), "batch_size must be an integer >= 1"),
+    ("ce", dict(grad_clip=-1), "grad_clip must be a finite number >= 0"),
+    ("lp", dict(C=0), "C must be a finite number > 0"),
+    ("vision-only", dict(head_lr=-1), "head_lr must be"),
+    ("flyp", dict(k=0), "k must be an integer >= 1"),
+    ("arf", dict(anchor_fraction=0), r"anchor_fraction must be a finite number in \(0, 1\]"),
+    ("ft+swa", dict(swa_start=1.5), r"ft\+swa: swa_start must be a finite number in \[0, 1\)"),
+    ("ft+swa", dict(swa_every=0.5), "swa_every must be an integer >= 1 or None"),
+    ("saft", dict(alpha=2), r"alpha must be a finite number in \(0, 1\]"),
+])
+def test_every_numeric_hyperparameter_is_checked_when_the_method_is_built(name, hparams, match):
+    with pytest.raises(ValueError, match=match):
+        methods.get_method(name, **hparams)
+
+
+@pytest.mark.parametrize("name", ["lp+saft", "zeroshot+saft", "lp+bma", "zeroshot+swa"])
+def test_a_modifier_on_a_method_that_does_not_train_is_rejected_when_built(name):
+    with pytest.raises(ValueError, match="acts on training steps, but '(lp|zeroshot)' does not train"):
+        methods.get_method(name)

@@ -17,6 +17,12 @@ class Benchmark:
     new_classes: list
 
     @property
+    def templates(self):
+        """The prompt templates of the data: ShapeWorld's styles, or CLIP's real-photo ensemble for folders."""
+        from ..models import REAL_TEMPLATES, SHAPEWORLD_TEMPLATES
+        return SHAPEWORLD_TEMPLATES if self.name == "shapeworld" else REAL_TEMPLATES
+
+    @property
     def groups(self):
         return {"base": self.base_classes, "new": self.new_classes}
 
@@ -26,13 +32,17 @@ class Benchmark:
 
 
 def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",), n_train_per_class=32,
-                   n_test_per_class=25, test_fraction=0.2, seed=0):
+                   n_test_per_class=25, test_fraction=0.2, seed=0, class_folders="error", partial=False,
+                   progress=True):
     """The base-to-new and domain-shift benchmark the notebooks use.
 
     ShapeWorld: n_train_per_class images per base class of the training domains; n_test_per_class images of
     every class in every domain. A DomainBed dataset under data_root: a per-(domain, class) train/test split
     (test_fraction), CoOp's base/new split of the sorted class names, and training on the base classes of
-    train_domains (n_train_per_class caps the images per class and domain, None keeps all).
+    train_domains (n_train_per_class caps the images per class and domain, and n_test_per_class the test images
+    per class and domain; None keeps all). The folders are checked as lib.data.folders.load_domainbed says
+    (class_folders, partial), and every image the benchmark uses is decoded once, so that a broken file is
+    reported with its path before training.
     """
     train_domains = list(train_domains)
     if dataset == "shapeworld":
@@ -43,10 +53,18 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     if data_root is None:
         raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds "
                          f"{dataset}/<domain>/<class>/<image> (DomainBed layout), or use dataset='shapeworld'.")
-    everything = folders.load_domainbed(data_root, dataset)
+    everything = folders.load_domainbed(data_root, dataset, class_folders=class_folders, partial=partial)
+    missing = sorted(set(train_domains) - set(everything.domains))
+    if missing:
+        raise ValueError(f"train_domains {missing} are not domains of {dataset}; its domains are "
+                         f"{sorted(set(everything.domains))}.")
     train_part, test = folders.train_test_split(everything, test_fraction, seed)
     base, new = folders.base_new_split(everything.classnames)
     train = train_part.where(domains=train_domains, classes=base).relabel(base)
     if n_train_per_class is not None:
         train = folders.k_shot(train, n_train_per_class, seed)
+    if n_test_per_class is not None:
+        test = folders.k_shot(test, n_test_per_class, seed)
+    for part in (train, test):
+        folders.check_images(part, progress)
     return Benchmark(dataset, train, test, train_domains, sorted(set(everything.domains)), base, new)

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .imageset import ImageSet
 
@@ -14,13 +16,32 @@ LAYOUT = """Expected layout (DomainBed):
           <class>/         the same class folders in every domain
             <image>.jpg"""
 
+# Images per domain of the DomainBed releases, and classes (the same in every domain); a copy that differs is
+# partial or altered. From the datasets' papers (PACS: 9,991 images; VLCS: 10,729; OfficeHome: 15,588; DomainNet:
+# 586,575). TerraIncognita's per-domain counts disagree between sources (DomainBed's table: 24,788 images in all),
+# so only its domains and classes are checked.
+PUBLISHED = {
+    "PACS": dict(classes=7, images={"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}),
+    "VLCS": dict(classes=5, images={"Caltech101": 1415, "LabelMe": 2656, "SUN09": 3282, "VOC2007": 3376}),
+    "OfficeHome": dict(classes=65, images={"Art": 2427, "Clipart": 4365, "Product": 4439, "Real World": 4357}),
+    "TerraIncognita": dict(classes=10, images=dict.fromkeys(["location_100", "location_38", "location_43",
+                                                             "location_46"])),
+    "DomainNet": dict(classes=345, images={"clipart": 48129, "infograph": 51605, "painting": 72266,
+                                           "quickdraw": 172500, "real": 172947, "sketch": 69128}),
+}
 
-def load_domainbed(root, dataset, domains=None, classes=None):
+
+def load_domainbed(root, dataset, domains=None, classes=None, class_folders="error", partial=False):
     """All images of `dataset` under root in the DomainBed layout, as an ImageSet of file paths.
 
     Class names are the sorted folder names with underscores read as spaces; labels index that sorted list.
     domains and classes restrict what is loaded (class names as in the folders or with spaces).
+    Checked here: an empty class folder is an error; so are class folders that differ between the domains,
+    unless class_folders="intersection" (keep the classes every domain has); and a dataset of PUBLISHED whose
+    domains, classes or images per domain differ from the release is an error unless partial=True.
     """
+    if class_folders not in ("error", "intersection"):
+        raise ValueError(f"class_folders must be 'error' or 'intersection'; got {class_folders!r}")
     base = Path(root) / dataset
     layout = LAYOUT.format(root=root, dataset=dataset)
     if not base.is_dir():
@@ -32,7 +53,16 @@ def load_domainbed(root, dataset, domains=None, classes=None):
     missing = [d for d in domains if d not in found_domains]
     if missing:
         raise FileNotFoundError(f"{base} has no domain folder(s) {missing}; it has {found_domains}.\n{layout}")
-    folders = sorted({p.name for d in domains for p in (base / d).iterdir() if p.is_dir()})
+    per_domain = {d: {p.name for p in (base / d).iterdir() if p.is_dir()} for d in domains}
+    folders = sorted(set.union(*per_domain.values()))
+    common = sorted(set.intersection(*per_domain.values()))
+    if folders != common and class_folders == "error":
+        lacking = {d: sorted(set(folders) - names) for d, names in per_domain.items() if set(folders) - names}
+        raise ValueError(f"The domains of {base} have different class folders (a merge would make classes that "
+                         f"exist in some domains only): missing {lacking}. Fix the copy, or pass "
+                         f"class_folders='intersection' (runner: --dataset-option class_folders=intersection) to "
+                         f"keep the {len(common)} classes every domain has.")
+    folders = common
     if not folders:
         raise FileNotFoundError(f"The domain folders of {base} have no class folders.\n{layout}")
     classnames = [_readable(f) for f in folders]
@@ -43,17 +73,58 @@ def load_domainbed(root, dataset, domains=None, classes=None):
             raise ValueError(f"Class names {unknown} match no class folder of {base}; its classes are {classnames}.")
         folders = [f for f, c in zip(folders, classnames) if c in wanted]
         classnames = [_readable(f) for f in folders]
-    paths, labels, item_domains = [], [], []
+    paths, labels, item_domains, empty = [], [], [], []
     for domain in domains:
         for label, folder in enumerate(folders):
-            for path in sorted((base / domain / folder).glob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    paths.append(str(path))
-                    labels.append(label)
-                    item_domains.append(domain)
-    if not paths:
-        raise FileNotFoundError(f"No images ({sorted(IMAGE_SUFFIXES)}) under {base} for domains {domains}.\n{layout}")
+            images = [p for p in sorted((base / domain / folder).glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                empty.append(f"{domain}/{folder}")
+            paths.extend(map(str, images))
+            labels.extend([label] * len(images))
+            item_domains.extend([domain] * len(images))
+    if empty:
+        raise FileNotFoundError(f"{len(empty)} class folder(s) of {base} have no images "
+                                f"({sorted(IMAGE_SUFFIXES)}): {empty[:10]}{' ...' if len(empty) > 10 else ''}; a "
+                                f"class with no images cannot be trained or tested: fill or remove them.")
+    if dataset in PUBLISHED and not partial:
+        _check_published(dataset, base, found_domains, len(folders), item_domains)
     return ImageSet(images=paths, labels=torch.tensor(labels), classnames=classnames, domains=item_domains)
+
+
+def _check_published(dataset, base, found_domains, num_classes, item_domains):
+    """Domains on disk, classes and the images of the loaded domains against the release (PUBLISHED)."""
+    published = PUBLISHED[dataset]
+    problems = []
+    if sorted(found_domains) != sorted(published["images"]):
+        problems.append(f"its domains are {sorted(found_domains)}, not {sorted(published['images'])}")
+    if num_classes != published["classes"]:
+        problems.append(f"{num_classes} classes, not {published['classes']}")
+    for domain in sorted(set(item_domains) & set(published["images"])):
+        expected, found = published["images"][domain], item_domains.count(domain)
+        if expected is not None and found != expected:
+            problems.append(f"{domain} has {found} images, not {expected}")
+    if problems:
+        raise ValueError(f"{base} does not match the published {dataset}: {'; '.join(problems)}. A partial or "
+                         f"altered copy gives numbers that cannot be compared with the papers'; complete it, or "
+                         f"pass partial=True (runner: --dataset-option partial=true) if it is intended.")
+
+
+def check_images(dataset, progress=True):
+    """Decode every image file of an ImageSet; raise one error that lists every file that cannot be read (all of
+    them, with their paths), so that a truncated download fails before training, not in the middle of it."""
+    if isinstance(dataset.images, torch.Tensor):
+        return
+    broken = []
+    for path in tqdm(dataset.images, desc="checking images", disable=not progress, leave=False):
+        try:
+            with Image.open(path) as image:
+                image.load()  # the whole file: verify() alone misses truncated data
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            broken.append(f"{path}: {error}")
+    if broken:
+        shown = "\n  ".join(broken[:20]) + ("\n  ..." if len(broken) > 20 else "")
+        raise OSError(f"{len(broken)} of {len(dataset.images)} images cannot be read (re-download or remove them):"
+                      f"\n  {shown}")
 
 
 def _readable(name):

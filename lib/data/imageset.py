@@ -27,7 +27,10 @@ class ImageSet(torch.utils.data.Dataset):
     def load(self, i):
         if isinstance(self.images, torch.Tensor):
             return self.images[i]
-        return Image.open(self.images[i]).convert("RGB")
+        try:
+            return Image.open(self.images[i]).convert("RGB")
+        except OSError as error:  # PIL's messages (e.g. "Truncated File Read") do not say which file
+            raise OSError(f"Cannot read image {self.images[i]}: {error}") from error
 
     def __getitem__(self, i):
         image = self.load(i)
