@@ -4,18 +4,20 @@ import pandas as pd
 import scipy.stats
 import torch
 
-from .models import SHAPEWORLD_TEMPLATES, encode_images, zeroshot_head
+from .data import templates_for
+from .models import encode_images, zeroshot_head
 
 
-def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=SHAPEWORLD_TEMPLATES, temperature=1.0,
+def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, temperature=1.0,
              **labels):
     """Accuracy and calibration per domain and class group as a DataFrame (labels, domain, group, n, accuracy,
     ece).
 
     groups maps a group name to class names; each group is classified among its own classes only (the CoOp
     base-to-new protocol). head(image_features, classnames) -> logits replaces the text head (linear probes);
-    a head that does not know a group's classes gives NaN accuracy and ECE for it. labels (method=..., seed=...)
-    are copied into every row.
+    a head that does not know a group's classes gives NaN accuracy and ECE for it. templates: the prompt
+    templates of the text head; None, the dataset's (lib.data.templates_for). labels (method=..., seed=...) are
+    copied into every row.
 
     ece is expected_calibration_error of softmax(logits / temperature) over the rows' images. Our choice of
     logits for the text head: the model's own logit_scale.exp() times the cosines (CLIP's zero-shot
@@ -58,12 +60,12 @@ def _group_logits(model, tokenizer, dataset, features, classes, head, templates)
             return head(group_features, classes).float(), local, in_group
         except KeyError:
             return None, local, in_group
-    text_features = zeroshot_head(model, tokenizer, classes, templates).to(features.device)
+    text_features = zeroshot_head(model, tokenizer, classes, templates or templates_for(dataset)).to(features.device)
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 100.0
     return scale * group_features @ text_features.T, local, in_group
 
 
-def class_logits(model, tokenizer, dataset, classes=None, head=None, templates=SHAPEWORLD_TEMPLATES):
+def class_logits(model, tokenizer, dataset, classes=None, head=None, templates=None):
     """(logits [N, C], labels [N]) of the dataset's images of `classes` (all its classes by default), classified
     among those classes exactly as evaluate does; labels index into `classes`. For fit_temperature."""
     classes = list(classes or dataset.classnames)

@@ -6,6 +6,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate
+from .methods import ALIASES, get_method
 from .train import finetune
 
 # What "smoke" (tests), "default" (committed notebooks, CPU minutes) and "paper" (a GPU) mean.
@@ -28,6 +29,31 @@ def budget_name(name):
     if name not in BUDGETS:
         raise ValueError(f"Unknown budget {name!r}; choose one of {list(BUDGETS)}.")
     return name
+
+
+def setup(model_name="mini", pretrained=None, dataset="shapeworld", data_root=None, train_domains=("photo",),
+          budget="default", device="auto", sizes=None, quick_gelu=None, dataset_options=None, bench=None,
+          progress=True):
+    """Everything a notebook or a run of lib.runner starts from: (model, tokenizer, bench, settings).
+
+    settings: the budget's sizes (n_train_per_class, n_test_per_class, num_steps, batch_size; LAB_BUDGET
+    honoured), updated with `sizes`. bench: `benchmark(...)` at those sizes with the model's transform; its
+    `templates` are the data's, which every method and evaluation uses unless given others. quick_gelu goes to
+    lib.models.load_clip. `bench`, when given, is that benchmark already loaded (lib.runner loads folder datasets
+    before training, to check them)."""
+    from .models import load_clip
+    settings = {**BUDGETS[budget_name(budget)], **(sizes or {})}  # (the argument hides the function budget)
+    model, preprocess, tokenizer = load_clip(model_name, pretrained, device, quick_gelu=quick_gelu)
+    if bench is None:
+        bench = benchmark(dataset, data_root, train_domains, settings, dataset_options, progress)
+    return model, tokenizer, bench.with_transform(preprocess), settings
+
+
+def benchmark(dataset, data_root, train_domains, settings, dataset_options=None, progress=True):
+    """lib.data.load_benchmark at a budget's sizes; dataset_options (class_folders, partial) for folder datasets."""
+    from .data import load_benchmark
+    return load_benchmark(dataset, data_root, train_domains, settings["n_train_per_class"],
+                          settings["n_test_per_class"], progress=progress, **(dataset_options or {}))
 
 
 def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, device="auto", progress=True,
@@ -53,9 +79,8 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
     """Fine-tune `method` with `seed` on bench.train and evaluate it on bench.test: the one run that compare and
     lib.runner repeat. Returns (table, trained): lib.evaluate.evaluate's table without method or seed columns
     (callers label it) and the Trained. The prompt templates are the benchmark's unless hparams set them."""
-    hparams = {"templates": bench.templates, **hparams}
-    trained = finetune(model, method, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
-                       progress=progress, batch_size=batch_size, **hparams)
+    trained = finetune(model, get_method(method, batch_size=batch_size, **hparams), bench.train, tokenizer,
+                       num_steps=num_steps, seed=seed, device=device, progress=progress)
     table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
                      templates=trained.method.hparams["templates"])
     return table, trained
@@ -106,7 +131,6 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     """
     from .data.folders import fraction_sample
     from .evaluate import evaluate as _evaluate
-    from .methods import ALIASES, get_method
     hparams = hparams or {}
     classes = {"all": list(bench.train.classnames)}
     resolved = {m: ALIASES.get(m, m) for m in methods}
@@ -117,7 +141,7 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     for name, fraction, seed in tqdm(runs, desc="runs", disable=not progress):
         train = fraction_sample(bench.train, fraction, seed)
         steps = num_steps if len(train) else 0
-        method = get_method(name, batch_size=batch_size, **{"templates": bench.templates, **hparams.get(name, {})})
+        method = get_method(name, batch_size=batch_size, **hparams.get(name, {}))
         run = finetune(model, method, train, tokenizer, num_steps=steps, seed=seed, device=device,
                        progress=progress)
         outputs = [(name, run.model, run.head)]
@@ -141,10 +165,11 @@ def dg_summary(results, train_domains):
             .groupby(keys, sort=False)[["id", "ood"]].mean().reset_index())
 
 
-def wise_ft_curves(model, tokenizer, bench, finetuned, alphas, templates):
+def wise_ft_curves(model, tokenizer, bench, finetuned, alphas, templates=None):
     """WiSE-FT trade-off curves: for every {label: fine-tuned model} in `finetuned`, the summary metrics (id,
     domain_shift, base, new, hm) of wise_ft(pre-trained, fine-tuned, alpha) at each alpha. Returns a table with
-    columns method, alpha and the metrics. `model` is the pre-trained model (theta_0); it is not modified."""
+    columns method, alpha and the metrics. `model` is the pre-trained model (theta_0); it is not modified.
+    templates: those the fine-tuned models trained with; None, the benchmark's."""
     from .averaging import wise_ft_sweep
     from .evaluate import summarize
     theta_0 = model.state_dict()

@@ -146,16 +146,10 @@ def _setting(run):
             json.dumps(run.get("dataset_options", {}), sort_keys=True))
 
 
-def _load_benchmark(run, progress=True):
-    from .data import load_benchmark
-    size = run_size(run)
-    return load_benchmark(run["dataset"], run["data_root"], run["train_domains"], size["n_train_per_class"],
-                          size["n_test_per_class"], progress=progress, **run.get("dataset_options", {}))
-
-
 def prepare(grid, results_dir="results", progress=True):
     """Every check that can run before training: validate, then load (and so check) the folder datasets of the
     runs still to do, then make sure results_dir can be written. Returns (runs, todo, benchmarks by setting)."""
+    from . import experiments
     runs = expand(grid)
     validate(runs)
     results_dir = Path(results_dir)
@@ -163,7 +157,8 @@ def prepare(grid, results_dir="results", progress=True):
     benchmarks = {}
     for run in todo:
         if run["dataset"] != "shapeworld" and _setting(run) not in benchmarks:
-            benchmarks[_setting(run)] = _load_benchmark(run, progress)
+            benchmarks[_setting(run)] = experiments.benchmark(run["dataset"], run["data_root"], run["train_domains"],
+                                                              run_size(run), run.get("dataset_options"), progress)
     _check_writable(results_dir)
     return runs, todo, benchmarks
 
@@ -212,14 +207,14 @@ def execute(runs, todo, benchmarks, results_dir="results", device="auto", progre
 
 def _train_and_store(run, loaded, benchmarks, results_dir, device, writer):
     from . import experiments
-    from .models import load_clip
     size, setting = run_size(run), _setting(run)
     if setting not in loaded:
         loaded.clear()  # one model and benchmark in memory at a time
-        model, preprocess, tokenizer = load_clip(run["model_name"], run["pretrained"], device,
-                                                 quick_gelu=run.get("quick_gelu"))
-        bench = benchmarks.get(setting) or _load_benchmark(run)
-        loaded[setting] = model, tokenizer, bench.with_transform(preprocess)
+        loaded[setting] = experiments.setup(
+            run["model_name"], run["pretrained"], run["dataset"], run["data_root"], run["train_domains"],
+            run["budget"], device, sizes={name: run[name] for name in SIZES if name in run},
+            quick_gelu=run.get("quick_gelu"), dataset_options=run.get("dataset_options"),
+            bench=benchmarks.get(setting))[:3]
     model, tokenizer, bench = loaded[setting]
     table, _ = experiments.run_one(model, tokenizer, bench, run["method"], run["seed"], size["num_steps"],
                                    size["batch_size"], device, progress=False, **run["hparams"])

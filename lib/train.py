@@ -1,4 +1,7 @@
-"""One fine-tuning loop for every method of the registry (lib.methods)."""
+"""One fine-tuning loop for every method of the registry (lib.methods).
+
+The loop takes a method object and never imports the registry: lib.methods imports this module (Trained, the
+batch stream), so the dependency goes one way."""
 import copy
 import math
 import random
@@ -83,11 +86,11 @@ def _batches(dataset, batch_size, seed, num_workers):
 
 
 def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device="auto", progress=True,
-             num_workers=0, **hparams):
+             num_workers=0):
     """Fine-tune a copy of `model` on `train_set` (an ImageSet with the model's transform) with `method`.
 
-    method: a registry name ("ft", "mms+bma", ...) or a Method; hparams override the method's defaults.
-    Returns a Trained; the caller's model is never modified.
+    method: a Method, e.g. lib.methods.get_method("mms+bma", lam=0.3); num_steps, when given, overrides its own
+    (and is recorded on it). Returns a Trained; the caller's model is never modified.
 
     Data-parallel under torch.distributed (torchrun; nccl on GPUs, gloo on the CPU): every rank draws the same
     global batch, computes the loss on its 1/world_size share, and gradients are averaged across ranks before the
@@ -95,8 +98,6 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     single-process step on the global batch, up to float rounding. The contrastive losses of flyp and arf gather
     the features of every rank (open_clip's gather_features), so they too see the global batch's negatives.
     """
-    from .methods import get_method  # methods import this module for set_seed and friends
-    method = get_method(method, **hparams) if isinstance(method, str) else method
     if num_steps is not None:  # what runs is what the method records
         check_number(method.name, "num_steps", num_steps, method.defaults("RANGES")["num_steps"])
         method.hparams["num_steps"] = num_steps
@@ -104,6 +105,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     device = pick_device(device)
     set_seed(seed)
     model = copy.deepcopy(model).to(device)
+    method.prompt_templates(train_set)  # recorded for every method, those that do not train included
     method.setup(model, tokenizer, train_set, num_steps=num_steps, seed=seed)
     if not method.trains or num_steps == 0:
         return method.finalize(model.eval(), [])

@@ -117,8 +117,9 @@ def test_anchor_weights_must_be_non_negative_numbers(name, hparams):
 
 def test_arf_trains_both_encoders_and_keeps_the_scale_clamped(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "arf", train, tokenizer, progress=False, num_steps=3, batch_size=8, lr=1e-3,
-                       warmup_steps=1, num_candidates=200)
+    trained = finetune(model, methods.get_method("arf", num_steps=3, batch_size=8, lr=1e-3, warmup_steps=1,
+                                                   num_candidates=200),
+                       train, tokenizer, progress=False)
     before, after = model.state_dict(), trained.model.state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert {"visual", "transformer"} <= changed
@@ -132,7 +133,8 @@ def test_wise_ft_curves_end_at_the_zero_shot_and_the_fine_tuned_model(setup):
     _, tokenizer, _ = setup
     model = models.load_clip("mini", device="cpu")[0]  # pre-trained, so that fine-tuning changes accuracy
     bench = load_benchmark("shapeworld", None, ["photo"], 4, 2).with_transform(models.mini_preprocess)
-    tuned = finetune(model, "ft", bench.train, tokenizer, progress=False, num_steps=3, batch_size=8, lr=1e-2).model
+    tuned = finetune(model, methods.get_method("ft", num_steps=3, batch_size=8, lr=1e-2),
+                     bench.train, tokenizer, progress=False).model
     curves = experiments.wise_ft_curves(model, tokenizer, bench, {"ft": tuned}, [0.0, 0.5, 1.0],
                                         models.SHAPEWORLD_TEMPLATES)
     assert list(curves.alpha) == [0.0, 0.5, 1.0] and set(curves.method) == {"ft"}

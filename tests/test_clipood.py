@@ -78,15 +78,15 @@ def test_bma_with_no_steps_raises_through_finetune(tiny_setup):
     model, tokenizer, train_set = tiny_setup
     from lib.train import finetune
     with pytest.raises(ValueError, match="num_steps"):
-        finetune(model, "clipood", train_set, tokenizer, num_steps=0, progress=False, batch_size=4)
+        finetune(model, get_method("clipood", num_steps=0, batch_size=4), train_set, tokenizer, progress=False)
 
 
 def test_clipood_returns_the_beta_average_not_the_last_state(tiny_setup):
     model, tokenizer, train_set = tiny_setup
     from lib.train import finetune
-    kw = dict(num_steps=3, seed=0, progress=False, batch_size=4, device="cpu")
-    mms = finetune(model, "mms", train_set, tokenizer, **kw).model
-    clipood = finetune(model, "clipood", train_set, tokenizer, **kw).model
+    kw = dict(seed=0, progress=False, device="cpu")
+    mms = finetune(model, get_method("mms", num_steps=3, batch_size=4), train_set, tokenizer, **kw).model
+    clipood = finetune(model, get_method("clipood", num_steps=3, batch_size=4), train_set, tokenizer, **kw).model
     # Same trajectory (same seed and loss), but clipood returns the Beta-weighted mean of its states.
     names = [n for n, _ in model.named_parameters() if n.startswith("visual.")]
     p_mms, p_clip, p_0 = (dict(m.named_parameters()) for m in (mms, clipood, model))

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from lib import models, runner
 from lib.data import shapeworld as sw
+from lib.methods import get_method
 from lib.train import finetune
 
 # Per-example mean losses (ft, mms, ce under saft) and modifiers whose hooks must see the averaged gradients:
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_run(method, **overrides):
     model, _, tokenizer = models.load_clip("mini", device="cpu")
     train = sw.make_split("ddp-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
-    return finetune(model, method, train.with_transform(models.mini_preprocess), tokenizer, seed=0, progress=False,
-                    **{**STEPS, **overrides})
+    return finetune(model, get_method(method, **{**STEPS, **overrides}), train.with_transform(models.mini_preprocess),
+                    tokenizer, seed=0, progress=False)
 
 
 def worker(rank, world, port, out):

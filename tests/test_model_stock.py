@@ -96,8 +96,10 @@ def test_stock_method_merges_two_seeds_of_its_base(random_mini_setup, one_intra_
     hparams = dict(lr=1e-3, batch_size=8, warmup_steps=1)
     method = get_method("model-stock", stock_seed_offset=5, **hparams)
     merged = finetune(model, method, train, tokenizer, num_steps=3, seed=2, progress=False)
-    first = finetune(model, "ft", train, tokenizer, num_steps=3, seed=2, progress=False, **hparams).model.state_dict()
-    second = finetune(model, "ft", train, tokenizer, num_steps=3, seed=7, progress=False, **hparams).model.state_dict()
+    first = finetune(model, get_method("ft", num_steps=3, **hparams),
+                     train, tokenizer, seed=2, progress=False).model.state_dict()
+    second = finetune(model, get_method("ft", num_steps=3, **hparams),
+                      train, tokenizer, seed=7, progress=False).model.state_dict()
     expected = model_stock(model.state_dict(), first, second)
     for name, value in merged.model.state_dict().items():
         torch.testing.assert_close(value, expected[name])

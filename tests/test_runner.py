@@ -23,7 +23,7 @@ def count_trainings(monkeypatch):
     real, calls = experiments.finetune, []
 
     def counted(model, method, *args, **kwargs):
-        calls.append((method, kwargs["seed"]))
+        calls.append((method.name, kwargs["seed"]))
         return real(model, method, *args, **kwargs)
     monkeypatch.setattr(experiments, "finetune", counted)
     return calls
@@ -237,8 +237,9 @@ def test_folder_datasets_train_with_their_own_templates_and_a_dataset_column(mon
     real, seen = experiments.finetune, []
 
     def record(model, method, *args, **kwargs):
-        seen.append(kwargs["templates"])
-        return real(model, method, *args, **kwargs)
+        trained = real(model, method, *args, **kwargs)
+        seen.append(trained.method.hparams["templates"])  # the data's, which the method resolved and recorded
+        return trained
     monkeypatch.setattr(experiments, "finetune", record)
     runner.main(["--methods", "zeroshot", "--datasets", "shapeworld", "Toy", "--data-root", str(toy_root),
                  "--train-domains", "photo", "--budget", "smoke", "--results-dir", str(tmp_path), "--device", "cpu"])

@@ -66,8 +66,9 @@ def test_unselected_entries_stay_bit_identical_after_finetune(setup):
 def test_alpha_one_reproduces_dense_ce_step_for_step(setup):
     model, tokenizer, train = setup
     hparams = dict(lr=1e-3, weight_decay=0.1, grad_clip=1.0, **FAST)
-    dense = finetune(model, "ce", train, tokenizer, progress=False, seed=3, **hparams)
-    sparse = finetune(model, "ce+saft", train, tokenizer, progress=False, seed=3, alpha=1.0, **hparams)
+    dense = finetune(model, methods.get_method("ce", **hparams), train, tokenizer, progress=False, seed=3)
+    sparse = finetune(model, methods.get_method("ce+saft", alpha=1.0, **hparams),
+                      train, tokenizer, progress=False, seed=3)
     assert dense.history == pytest.approx(sparse.history, rel=1e-5, abs=1e-7)
     for (name, a), b in zip(dense.model.state_dict().items(), sparse.model.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
@@ -76,7 +77,7 @@ def test_alpha_one_reproduces_dense_ce_step_for_step(setup):
 
 def test_ce_trains_both_encoders_and_logit_scale(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "ce", train, tokenizer, progress=False, lr=1e-3, **FAST)
+    trained = finetune(model, methods.get_method("ce", lr=1e-3, **FAST), train, tokenizer, progress=False)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, trained.model.state_dict()[k])}
     assert any(k.startswith("visual.") for k in changed)
     assert any(k.startswith("transformer.") for k in changed)
@@ -86,8 +87,8 @@ def test_ce_trains_both_encoders_and_logit_scale(setup):
 @pytest.mark.parametrize("name", ["mms+saft", "ft+saft", "mms+saft+bma"])
 def test_saft_composes_with_frozen_text_losses(setup, name):
     model, tokenizer, train = setup
-    method = methods.get_method(name, alpha=0.01, lr=1e-2)
-    trained = finetune(model, method, train, tokenizer, progress=False, **FAST)
+    method = methods.get_method(name, alpha=0.01, lr=1e-2, **FAST)
+    trained = finetune(model, method, train, tokenizer, progress=False)
     assert all(math.isfinite(loss) for loss in trained.history)
     after = trained.model.state_dict()
     # BMA's running mean avg <- (avg + r * theta) / (1 + r) is not bit-exact when theta == avg (rounding), so

@@ -54,8 +54,8 @@ def test_swa_every_defaults_to_one_epoch_and_validates(setup):
 
 def test_ce_trains_both_encoders_and_logit_scale(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "ce", train, tokenizer, num_steps=3, batch_size=8, lr=1e-3, warmup_steps=1,
-                       progress=False)
+    trained = finetune(model, methods.get_method("ce", num_steps=3, batch_size=8, lr=1e-3, warmup_steps=1),
+                       train, tokenizer, progress=False)
     before, after = model.state_dict(), trained.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("visual.") for k in changed)
@@ -66,8 +66,8 @@ def test_ce_trains_both_encoders_and_logit_scale(setup):
 def test_vision_only_trains_its_head_and_gives_nan_on_new_classes(setup):
     _, tokenizer, train = setup
     model = models.load_clip("mini", device="cpu")[0]  # a random encoder maps every image to nearly one point
-    trained = finetune(model, "vision-only", train, tokenizer, num_steps=40, batch_size=16, lr=1e-3,
-                       warmup_steps=1, progress=False)
+    trained = finetune(model, methods.get_method("vision-only", num_steps=40, batch_size=16, lr=1e-3, warmup_steps=1),
+                       train, tokenizer, progress=False)
     assert np.mean(trained.history[-5:]) < 0.7 * np.mean(trained.history[:5])
     assert not any(k.startswith("vision_only_head") for k in model.state_dict())  # the caller's model is untouched
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, trained.model.state_dict()[k])}
@@ -79,7 +79,8 @@ def test_vision_only_trains_its_head_and_gives_nan_on_new_classes(setup):
     assert results.set_index("group").loc["new", "accuracy"] != results.set_index("group").loc["new", "accuracy"]
     fitted = evaluate(trained.model, tokenizer, train, head=trained.head)
     assert fitted.accuracy.mean() > 0.4  # it fits its own training images (chance: 0.25)
-    swa = finetune(model, "vision-only+swa", train, tokenizer, num_steps=4, batch_size=16, progress=False)
+    swa = finetune(model, methods.get_method("vision-only+swa", num_steps=4, batch_size=16),
+                   train, tokenizer, progress=False)
     assert swa.head is not None and swa.head.weight.shape == (4, 128)
 
 

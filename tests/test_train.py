@@ -34,7 +34,7 @@ def test_cosine_schedule_closed_form():
 def test_ft_trains_only_the_image_encoder_and_leaves_the_callers_model(setup):
     model, tokenizer, train = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trained = finetune(model, "ft", train, tokenizer, progress=False, lr=1e-3, **FAST)
+    trained = finetune(model, methods.get_method("ft", lr=1e-3, **FAST), train, tokenizer, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     after = trained.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -44,29 +44,30 @@ def test_ft_trains_only_the_image_encoder_and_leaves_the_callers_model(setup):
 
 def test_seeds_make_runs_repeatable(setup):
     model, tokenizer, train = setup
-    a = finetune(model, "ft", train, tokenizer, seed=1, progress=False, **FAST).history
-    b = finetune(model, "ft", train, tokenizer, seed=1, progress=False, **FAST).history
-    c = finetune(model, "ft", train, tokenizer, seed=2, progress=False, **FAST).history
+    a = finetune(model, methods.get_method("ft", **FAST), train, tokenizer, seed=1, progress=False).history
+    b = finetune(model, methods.get_method("ft", **FAST), train, tokenizer, seed=1, progress=False).history
+    c = finetune(model, methods.get_method("ft", **FAST), train, tokenizer, seed=2, progress=False).history
     assert a == b and a != c
 
 
 def test_ft_lowers_the_training_loss(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "ft", train, tokenizer, progress=False, num_steps=30, batch_size=24, lr=1e-3)
+    trained = finetune(model, methods.get_method("ft", num_steps=30, batch_size=24, lr=1e-3),
+                       train, tokenizer, progress=False)
     first, last = sum(trained.history[:5]) / 5, sum(trained.history[-5:]) / 5
     assert last < 0.7 * first
 
 
 def test_zeroshot_returns_the_model_unchanged(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "zeroshot", train, tokenizer, progress=False)
+    trained = finetune(model, methods.get_method("zeroshot"), train, tokenizer, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.model.state_dict().values()))
     assert trained.history == [] and trained.head is None
 
 
 def test_linear_probe_knows_only_its_classes(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "lp", train, tokenizer, progress=False, C=1e4)
+    trained = finetune(model, methods.get_method("lp", C=1e4), train, tokenizer, progress=False)
     results = evaluate(trained.model, tokenizer, train, groups={"base": list(sw.BASE_CLASSES)}, head=trained.head)
     assert results.accuracy.iloc[0] > 0.5  # logistic regression fits its own 24 training images
     with pytest.raises(KeyError, match="only the classes"):
@@ -86,7 +87,7 @@ def test_registry_errors_name_what_is_known():
 def test_every_registered_method_runs_a_few_steps(setup, name):
     """DomainBed's habit: every method of the registry trains on the tiny split and gives finite losses."""
     model, tokenizer, train = setup
-    trained = finetune(model, name, train, tokenizer, progress=False, **FAST)
+    trained = finetune(model, methods.get_method(name, **FAST), train, tokenizer, progress=False)
     assert all(math.isfinite(loss) for loss in trained.history)
     method = methods.get_method(name)
     assert len(trained.history) == (FAST["num_steps"] if method.trains else 0)
@@ -101,7 +102,8 @@ def test_every_registered_method_runs_a_few_steps(setup, name):
 def test_a_diverged_run_stops_with_the_method_step_and_cause(setup, name, hparams, match):
     model, tokenizer, train = setup
     with pytest.raises(FloatingPointError, match=match):
-        finetune(model, name, train, tokenizer, progress=False, num_steps=20, batch_size=16, **hparams)
+        finetune(model, methods.get_method(name, num_steps=20, batch_size=16, **hparams), train, tokenizer,
+                 progress=False)
 
 
 def test_non_finite_returned_weights_stop_the_run(setup, monkeypatch):
@@ -121,10 +123,10 @@ def test_non_finite_returned_weights_stop_the_run(setup, monkeypatch):
 
 def test_finetune_records_the_number_of_steps_that_ran(setup):
     model, tokenizer, train = setup
-    trained = finetune(model, "ft", train, tokenizer, progress=False, num_steps=2, batch_size=16)
+    trained = finetune(model, methods.get_method("ft", num_steps=2, batch_size=16), train, tokenizer, progress=False)
     assert trained.method.hparams["num_steps"] == 2 == len(trained.history)
     with pytest.raises(ValueError, match="num_steps must be an integer >= 0"):
-        finetune(model, "ft", train, tokenizer, progress=False, num_steps=2.5)
+        finetune(model, methods.get_method("ft"), train, tokenizer, progress=False, num_steps=2.5)
 
 
 @pytest.mark.parametrize("name, hparams, match", [

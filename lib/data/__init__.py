@@ -5,6 +5,14 @@ from . import folders, shapeworld
 from .imageset import ImageSet
 
 
+def templates_for(images):
+    """The prompt templates that belong to an ImageSet: ShapeWorld's styles for ShapeWorld images (they carry
+    their scenes), CLIP's ImageNet-style ensemble for images from folders. Methods and lib.evaluate use them
+    unless given others, so the runner and the notebooks prompt the same data the same way."""
+    from ..models import REAL_TEMPLATES, SHAPEWORLD_TEMPLATES  # models imports torch and open_clip: only when asked
+    return SHAPEWORLD_TEMPLATES if images.scenes is not None else REAL_TEMPLATES
+
+
 @dataclass
 class Benchmark:
     """A fine-tuning problem: train on base classes of some domains, test on every domain and class group."""
@@ -18,9 +26,8 @@ class Benchmark:
 
     @property
     def templates(self):
-        """The prompt templates of the data: ShapeWorld's styles, or CLIP's real-photo ensemble for folders."""
-        from ..models import REAL_TEMPLATES, SHAPEWORLD_TEMPLATES
-        return SHAPEWORLD_TEMPLATES if self.name == "shapeworld" else REAL_TEMPLATES
+        """The prompt templates of the data (templates_for); a method's `templates` hyperparameter overrides them."""
+        return templates_for(self.train)
 
     @property
     def groups(self):

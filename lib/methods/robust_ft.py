@@ -1,0 +1,132 @@
+"""Robust fine-tuning of vision-language models for domain generalization (arXiv 2311.02236): few-shot CLIP
+fine-tuning against a vision-only model, with and without stochastic weight averaging.
+
+Notebook: 02_robust_ft_swa. Methods: `ce` (end-to-end cross-entropy, both encoders and the scale train; also the
+base of SAFT), `vision-only`, `swa` (a modifier), `ce-swa` (= "ce+swa"). Primitives: lib.losses.cross_entropy_loss,
+lib.averaging.StochasticWeightAverage, lib.data.folders.fraction_sample (the data fractions of
+lib.experiments.fraction_sweep).
+"""
+import math
+
+import torch
+
+from ..averaging import StochasticWeightAverage
+from ..checks import Number
+from ..losses import cross_entropy_loss
+from ..models import encode_text
+from ..train import Trained
+from .base import Method, Modifier, alias, register
+from .baselines import LinearHead
+
+
+@register
+class EndToEndCrossEntropy(Method):
+    """End-to-end fine-tuning (paper 2, SAFT's base): cross-entropy on logit_scale * cos(image, class text),
+    where the class embeddings come from the LIVE text encoder at every step (prompt ensembling over the
+    templates, as in the zero-shot head), and both encoders and logit_scale train."""
+    name = "ce"
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        device = next(model.parameters()).device
+        templates = self.prompt_templates(train_set)
+        self.num_templates = len(templates)
+        self.tokens = tokenizer([t.format(c) for c in train_set.classnames for t in templates]).to(device)
+
+    def trainable_parameters(self, model):
+        return list(model.named_parameters())
+
+    def class_embeddings(self, model):
+        features = encode_text(model, self.tokens)
+        features = features.view(-1, self.num_templates, features.shape[-1]).mean(1)
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def loss(self, model, images, labels, indices):
+        image_features = model.encode_image(images, normalize=True)
+        return cross_entropy_loss(image_features, self.class_embeddings(model), labels, model.logit_scale.exp())
+
+
+@register
+class VisionOnly(Method):
+    """Paper 2's vision-only baseline: the same image encoder with a randomly initialized linear head over its
+    (L2-normalized) features, both trained with cross-entropy; no text at all, so new classes give NaN.
+
+    The head is an nn.Linear attached to the fine-tuned copy as the submodule `vision_only_head`, so the loop's
+    optimizer, weight averaging (e.g. "vision-only+swa") and the returned model all carry it. The head trains at
+    `head_lr` on features multiplied by `feature_scale` (features have unit norm, so a randomly initialized head
+    needs larger logits and a larger step than the encoder; the returned LinearHead folds the scale in)."""
+    name = "vision-only"
+    seeded_start = True
+    HPARAMS = dict(head_lr=1e-2, feature_scale=10.0)
+    RANGES = dict(head_lr=Number(0, low_open=True), feature_scale=Number(0, low_open=True))
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(model.visual.output_dim, len(train_set.classnames))
+        with torch.no_grad():  # nn.Linear's default init, drawn from the run's own seed
+            bound = 1 / head.in_features ** 0.5
+            head.weight.uniform_(-bound, bound, generator=generator)
+            head.bias.uniform_(-bound, bound, generator=generator)
+        model.vision_only_head = head.to(device)
+        self.classnames = list(train_set.classnames)
+
+    def trainable_parameters(self, model):
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(("visual.", "vision_only_head."))]
+
+    def make_optimizer(self, named_parameters):
+        head = [p for n, p in named_parameters if n.startswith("vision_only_head.")]
+        encoder = [p for n, p in named_parameters if not n.startswith("vision_only_head.")]
+        groups = [{"params": encoder}] + ([{"params": head, "lr": self.hparams["head_lr"]}] if head else [])
+        return torch.optim.AdamW(groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    def loss(self, model, images, labels, indices):
+        image_features = model.encode_image(images, normalize=True)
+        logits = model.vision_only_head(self.hparams["feature_scale"] * image_features)
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+    def finalize(self, model, history):
+        head = model.vision_only_head
+        weight = self.hparams["feature_scale"] * head.weight.detach().cpu()
+        return Trained(model, LinearHead(weight, head.bias.detach().cpu(), self.classnames),
+                       history, self)
+
+
+@register
+class StochasticWeightAveraging(Modifier):
+    """Paper 2's SWA: the model returned is the plain mean of the states at the ends of the periods of `swa_every`
+    steps (epochs) that start at or after swa_start * T (T steps in all): the states after steps s = k * swa_every
+    with (k - 1) * swa_every >= swa_start * T, i.e. once per epoch over the last (1 - swa_start) of training, as
+    in the paper's code (22 epochs from 2/3: the last 7), starting from a copy (the zero-shot weights are
+    not in the average). swa_every=None means one epoch of the training set (len // batch size steps), as in the
+    paper's code; if no step qualifies, the final state is the average. The learning rate keeps the loop's
+    cosine schedule (no SWALR constant phase: the loop owns one scheduler for every method). `swa_steps` lists
+    the averaged steps."""
+    name = "swa"
+    MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None)
+    MODIFIER_RANGES = dict(
+        swa_start=Number(0, 1, high_open=True, why="the fraction of training before averaging; the paper uses 0.5"),
+        swa_every=Number(1, integer=True, none_ok=True, why="steps between averaged states; None is one epoch"))
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        super().setup(model, tokenizer, train_set, num_steps, seed)
+        start, every = self.hparams["swa_start"], self.hparams["swa_every"]
+        if every is None:
+            every = max(1, len(train_set) // max(1, min(self.hparams["batch_size"], len(train_set))))
+        # The first period boundary at or after the start; rounded first, so that 0.7 * 10 counts as 7.
+        first = math.ceil(round(start * num_steps / every, 9)) * every
+        self.swa_steps = list(range(first + every, num_steps + 1, every)) or ([num_steps] if num_steps > 0 else [])
+        self.average = StochasticWeightAverage(model)
+
+    def after_step(self, model, step):
+        super().after_step(model, step)
+        if step + 1 in self.swa_steps:  # the loop's step is 0-based; s counts optimizer steps taken
+            self.average.update(model)
+
+    def finalize(self, model, history):
+        self.live = super().finalize(model, history)  # the last state too, so "X" and "X+swa" can share a run
+        if self.average.num_averaged == 0:  # no training happened (fraction 0 or num_steps 0)
+            return self.live
+        return super().finalize(self.average.module.eval(), history)
+
+
+alias("ce-swa", "ce+swa")
