@@ -94,3 +94,16 @@ def test_confidence_interval_is_students_t():
     assert half == pytest.approx((high - low) / 2)
     assert np.isnan(confidence_interval([0.5])[1])
     assert harmonic_mean(0.8, 0.4) == pytest.approx(2 * 0.8 * 0.4 / 1.2)
+
+
+def test_takeaway_renders_the_paired_differences_of_the_table():
+    from lib.evaluate import paired_differences, takeaway
+    summary = pd.DataFrame({"method": ["ft"] * 3 + ["clipood"] * 3, "seed": [0, 1, 2] * 2,
+                            "id": [0.80, 0.82, 0.84, 0.79, 0.80, 0.84], "new": [0.50, 0.52, 0.54, 0.62, 0.66, 0.64]})
+    differences = paired_differences(summary, "clipood", "ft", metrics=("id", "new"))
+    assert differences["new"][0] == pytest.approx(12.0) and differences["id"][0] == pytest.approx(-1.0)
+    assert differences["new"][1] == pytest.approx(confidence_interval([12, 14, 10])[1])
+    text = takeaway(summary, [("clipood", "ft")], metrics=("id", "new")).data
+    assert "`clipood` against `ft`: -1.0 ± " in text and "+12.0 ± 5.0 on new classes" in text and "3 seeds" in text
+    one_seed = takeaway(summary[summary.seed == 0], [("clipood", "ft")], metrics=("new",)).data
+    assert "+12.0 on new classes" in one_seed and "±" not in one_seed.split(":", 1)[1].split("\n", 2)[2]
