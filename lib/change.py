@@ -8,7 +8,7 @@ the block's output changed, as tidy tables (issue 15's per-block picture; figure
 
 Blocks are grouped as lib.sparse.per_layer_counts groups parameters: ``visual.transformer.resblocks.{i}`` and
 ``transformer.resblocks.{i}`` for ViTs and the text tower, the stages ``visual.layer{i}`` (block i - 1) of a
-ModifiedResNet image tower (mini-CLIP, RN50); block -1 is everything outside the blocks (embeddings, final
+ModifiedResNet image tower (mini-CLIP 1, RN50); block -1 is everything outside the blocks (embeddings, final
 norms, projections, logit_scale under encoder "other").
 """
 import re

@@ -11,9 +11,11 @@ from tqdm.auto import tqdm
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MINI_CHECKPOINT = DATA_DIR / "mini_clip.pt"
+# mini-CLIP 2: open_clip's VisionTransformer (patches of 8 pixels: 16 tokens, the cheap route on a CPU) and
+# its text transformer, so parameter names follow ViT-B-16's (visual.transformer.resblocks.{i}, ...).
 MINI_CONFIG = dict(
     embed_dim=128,
-    vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=16),
+    vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=4, head_width=32),
     text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=3),
 )
 MINI_MEAN, MINI_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -64,8 +66,8 @@ def _reads_end_token_causally(model):
             and getattr(model, "attn_mask", None) is not None)
 
 
-def build_mini():
-    return open_clip.CLIP(**MINI_CONFIG)
+def build_mini(config=None):
+    return open_clip.CLIP(**(config or MINI_CONFIG))
 
 
 def mini_tokenizer():

@@ -224,7 +224,7 @@ def _bucket_holding_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]
 # Text-tower names of open_clip's CLIP ("text." is CustomTextCLIP's text tower).
 _TEXT_PREFIXES = ("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text.")
 _BLOCK_PATTERN = re.compile(r"^(?:visual\.|text\.)?transformer\.resblocks\.(\d+)\.")
-# open_clip's ModifiedResNet (RN50, mini-CLIP): stages visual.layer1 ... visual.layer4 count as blocks 0 ... 3.
+# open_clip's ModifiedResNet (RN50, mini-CLIP 1): stages visual.layer1 ... visual.layer4 count as blocks 0 ... 3.
 _STAGE_PATTERN = re.compile(r"^visual\.layer(\d+)\.")
 
 
@@ -256,6 +256,28 @@ def per_layer_counts(mask: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["encoder", "block", "count", "total"])
     return table.groupby(["encoder", "block"], as_index=False).sum().sort_values(["encoder", "block"], ignore_index=True)
 
+
+def saft_pattern(counts: pd.DataFrame) -> dict:
+    """The three facts of SAFT's per-layer picture (ViT-B/16 in the paper), read off a per_layer_counts
+    table, so that a notebook can set a model's selection beside the paper's with numbers.
+
+    Returns image and text (entries selected in each encoder), text_early_share (share of the text
+    encoder's in-block selections that lie in the first half of its blocks) and image_late_share (share of
+    the image encoder's in-block selections in the second half of its blocks). The paper reports
+    text > image, selections concentrated in early text blocks and in late image blocks, i.e. both shares
+    above one half. With an odd number of blocks the middle block counts for neither half.
+    """
+    def half_share(encoder, later):
+        blocks = counts[(counts.encoder == encoder) & (counts.block >= 0)]
+        if blocks.empty or blocks["count"].sum() == 0:
+            return float("nan")
+        num_blocks = int(blocks.block.max()) + 1
+        half = blocks.block >= (num_blocks + 1) // 2 if later else blocks.block < num_blocks // 2
+        return float(blocks.loc[half, "count"].sum() / blocks["count"].sum())
+
+    total = counts.groupby("encoder")["count"].sum()
+    return {"image": int(total.get("image", 0)), "text": int(total.get("text", 0)),
+            "text_early_share": half_share("text", later=False), "image_late_share": half_share("image", later=True)}
 
 # ----------------------------------------------------------------------------------------------
 # Training only the selected entries

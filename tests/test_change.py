@@ -72,7 +72,7 @@ def vit():
                           text_cfg=dict(context_length=12, vocab_size=100, width=32, heads=2, layers=3)).eval()
 
 
-def test_block_outputs_of_a_vit_and_a_resnet_mini(vit, random_mini_setup, one_intra_op_thread):
+def test_block_outputs_of_a_vit_and_a_resnet(vit, one_intra_op_thread):
     images = torch.utils.data.TensorDataset(torch.randn(6, 3, 16, 16), torch.zeros(6))
     tokens = torch.tensor([[1, 5, 6, 99, 0, 0, 0, 0, 0, 0, 0, 0], [1, 7, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
     outputs = block_outputs(vit, images, tokens)
@@ -82,10 +82,14 @@ def test_block_outputs_of_a_vit_and_a_resnet_mini(vit, random_mini_setup, one_in
     # the last text block's end-token output, through ln_final and the projection, is the text embedding
     text = vit.encode_text(tokens)
     torch.testing.assert_close(vit.ln_final(outputs["text", 2]) @ vit.text_projection, text, rtol=1e-4, atol=1e-5)
-    model, tokenizer, train = random_mini_setup
-    resnet = block_outputs(model, train)
+    import open_clip
+    torch.manual_seed(0)  # mini-CLIP 1's ResNet image tower (the stages count as blocks)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=16),
+                           text_cfg=dict(context_length=12, vocab_size=100, width=32, heads=2, layers=1)).eval()
+    images = torch.utils.data.TensorDataset(torch.randn(6, 3, 32, 32), torch.zeros(6))
+    resnet = block_outputs(model, images)
     assert sorted(resnet) == [("image", b) for b in range(4)]  # the stages layer1..layer4
-    assert all(v.shape[0] == len(train) for v in resnet.values())
+    assert all(v.shape[0] == 6 for v in resnet.values())
 
 
 def test_cka_is_one_for_the_same_model_and_the_table_covers_every_block(vit):

@@ -29,6 +29,47 @@ def test_split_is_balanced_and_labels_index_the_given_classes():
         assert "cartoon" in split.captions[i]
 
 
+def test_benchmark_pictures_follow_the_downstream_convention():
+    """Every labelled picture: the label is the main object, large and centred, beside `distractors` small
+    objects of other, distinct classes in distinct corners; the full caption names all of them."""
+    for distractors in (0, 1, 2):
+        split = sw.make_split("convention", domains=["photo", "painting"], n_per_class=3, distractors=distractors,
+                              clutter_share=1.0)
+        scenes = split.scenes
+        shapes, corners = scenes["distractor_shape"], scenes["distractor_corner"]
+        assert ((shapes >= 0).sum(1) == distractors).all() and ((corners >= 0).sum(1) == distractors).all()
+        for i in range(len(split)):
+            used = shapes[i][shapes[i] >= 0]
+            assert sw.CLASSES[scenes["shape"][i]] == split.classnames[split.labels[i]]
+            assert scenes["shape"][i] not in used and len(set(used)) == len(used)
+            assert len(set(corners[i][corners[i] >= 0])) == distractors
+            assert all(f"small {d['color']} {d['shape']} {d['position']}" in split.captions[i]
+                       for d in sw.scene_distractors(scenes, i))
+        if distractors:
+            attributes = [sw.scene_attributes(scenes, i) for i in range(len(split))]
+            assert {a["size"] for a in attributes} == {"large"} and {a["position"] for a in attributes} == {"in the center"}
+    half = sw.make_split("convention", domains=["photo"], n_per_class=40, clutter_share=0.5).scenes
+    assert 0.4 < (half["distractor_shape"] >= 0).any(1).mean() < 0.6
+    with pytest.raises(ValueError, match="distractors"):
+        sw.make_split("x", distractors=3)
+    with pytest.raises(ValueError, match="clutter_share"):
+        sw.make_split("x", clutter_share=1.5)
+
+
+def test_web_captions_name_any_object_of_a_cluttered_picture():
+    """The task shift: alt-text names the main object of a cluttered picture no more often than a distractor."""
+    scenes, captions = sw.web_captions(3000, seed=0, noise=0.0)
+    cluttered = (scenes["distractor_shape"] >= 0).any(1)
+    assert 0.4 < cluttered.mean() < 0.6
+    first_named = []
+    for i in np.flatnonzero(cluttered):
+        named = [(captions[i].find(c), c) for c in sw.CLASSES if captions[i].find(c) >= 0]
+        first_named.append(min(named)[1] == sw.CLASSES[scenes["shape"][i]])
+    objects = 1 + (scenes["distractor_shape"][cluttered] >= 0).sum(1)
+    # Named uniformly among the objects: the expected share of the main object is mean(1 / objects).
+    assert np.mean(first_named) == pytest.approx(np.mean(1 / objects), abs=0.05)
+
+
 def test_base_new_is_the_coop_convention():
     assert sw.BASE_CLASSES + sw.NEW_CLASSES == tuple(sorted(sw.CLASSES))
     assert folders.base_new_split(list(reversed(sw.CLASSES))) == (list(sw.BASE_CLASSES), list(sw.NEW_CLASSES))

@@ -134,7 +134,7 @@ def test_slider_function_counts_the_global_mask_per_layer():
         assert int(counts["count"].sum()) == math.floor(alpha * total)
         assert int(counts["total"].sum()) == total
         assert set(counts.encoder) == {"image", "text", "other"}
-        assert set(counts[counts.encoder == "image"].block) == {-1, 0, 1, 2, 3}  # stem/pool and 4 ResNet stages
+        assert set(counts[counts.encoder == "image"].block) == {-1, 0, 1, 2, 3}  # outside the blocks and 4 ViT blocks
         assert set(counts[counts.encoder == "text"].block) == {-1, 0, 1, 2}
         assert len(fig.axes) == 3 and "alpha" in fig._suptitle.get_text()
         plt.close(fig)

@@ -4,7 +4,9 @@ import copy
 import io
 import math
 
+import numpy as np
 import open_clip
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from lib.sparse import (
     parameter_scores,
     per_layer_counts,
     saft_mask,
+    saft_pattern,
     state_bytes,
 )
 
@@ -375,3 +378,14 @@ def test_saved_and_loaded_optimizer_trains_on_identically():
     train(resumed_model, resumed, batch)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_saft_pattern_reads_the_papers_three_facts_off_the_counts():
+    counts = pd.DataFrame({"encoder": ["image"] * 4 + ["text"] * 4 + ["other"],
+                           "block": [-1, 0, 1, 2, -1, 0, 1, 2, -1],
+                           "count": [5, 1, 7, 2, 0, 6, 2, 4, 3], "total": [100] * 9})
+    pattern = saft_pattern(counts)
+    # Three image blocks: block 0 is the first half, block 1 neither, block 2 the second half.
+    assert pattern == {"image": 15, "text": 12, "text_early_share": 6 / 12, "image_late_share": 2 / 10}
+    empty_text = counts.assign(count=np.where(counts.encoder == "text", 0, counts["count"]))
+    assert np.isnan(saft_pattern(empty_text)["text_early_share"])

@@ -1,8 +1,15 @@
-"""ShapeWorld: a procedural image-text world with domains, base/new classes and rich captions.
+"""ShapeWorld 2: a procedural image-text world with domains, base/new classes, clutter and rich captions.
 
-Every image is a scene: one shape (the class) with a colour, a size, a position and a background tone,
-rendered in one of four styles (the domains). Scenes, images and captions are a pure function of the seed,
-so every split is reproducible and two splits with different names never share a scene.
+Every image is a scene: a main shape with a colour, a size, a position and a background tone, and up to two
+small distractor shapes in the corners, rendered in one of four styles (the domains). Scenes, images and
+captions are a pure function of the seed, so every split is reproducible and two splits with different
+names never share a scene.
+
+The task shift, shared by every domain: the web corpus's captions name the objects of a cluttered picture in
+a random order, as alt-text does, while the downstream benchmark (make_split) labels each picture by its main
+object, the large one in the centre, and every downstream picture has a distractor. Zero-shot CLIP cannot
+know that convention, so it leaves headroom in every style; fine-tuning learns it, and part of what it learns
+carries over to the styles it did not train on.
 
     >>> train = make_split("train", domains=["photo"], classes=BASE_CLASSES, n_per_class=32, seed=0)
     >>> train.images.shape        # float in [0, 1]
@@ -32,6 +39,15 @@ ATTRIBUTES = {"shape": CLASSES, "color": tuple(COLORS), "size": tuple(SIZES), "p
               "background": BACKGROUNDS, "domain": DOMAINS}
 # The web corpus's mix of styles, in the order of DOMAINS: paintings are rare, as art is on the web.
 WEB_DOMAIN_SHARES = (0.43, 0.28, 0.28, 0.01)
+# A third of the web's pictures are cluttered: a large main object in the centre and one or two small objects
+# in the corners. Downstream pictures always are (BENCHMARK_DISTRACTORS), and their label is the main object.
+WEB_CLUTTER_SHARE = 0.35
+MAX_DISTRACTORS = 2
+BENCHMARK_DISTRACTORS = 1
+BENCHMARK_CLUTTER_SHARE = 1.0
+DISTRACTOR_RADIUS = 0.26  # a fraction of half the image width, like SIZES
+CORNERS = {"at the top left": (-0.62, -0.62), "at the top right": (0.62, -0.62),
+           "at the bottom left": (-0.62, 0.62), "at the bottom right": (0.62, 0.62)}
 # Painters stylize: every figure in a painting is drawn this many times wider than in a photo. A model that
 # learned shapes from photos reads a wide circle as an ellipse, yet the style is easy to learn from examples.
 PAINTING_STRETCH = 1.5
@@ -82,56 +98,103 @@ assert tuple(sorted(SHAPES)) == CLASSES
 
 
 # ----------------------------------------------------------------------------------------------- scenes
-def sample_scenes(n, seed, stream, domains=DOMAINS, classes=CLASSES, domain_shares=None):
+def sample_scenes(n, seed, stream, domains=DOMAINS, classes=CLASSES, domain_shares=None,
+                  clutter_share=WEB_CLUTTER_SHARE):
     """n random scenes, classes drawn uniformly, domains by domain_shares (uniform if None): numpy arrays.
 
-    Attributes are indices into ATTRIBUTES; jitter (rotation, offset, scale) and a per-scene seed for texture
-    are continuous, so no two scenes of different streams coincide.
+    A clutter_share of them get one or two distractors (see _scenes). Attributes are indices into ATTRIBUTES;
+    jitter (rotation, offset, scale) and a per-scene seed for texture are continuous, so no two scenes of
+    different streams coincide.
     """
     rng = _rng(seed, "scenes", stream)
     shape = np.array([CLASSES.index(c) for c in classes])[rng.integers(len(classes), size=n)]
     domain = np.array([DOMAINS.index(d) for d in domains])[rng.choice(len(domains), size=n, p=domain_shares)]
-    return _scenes(rng, shape, domain)
+    cluttered = rng.uniform(size=n) < clutter_share
+    distractors = np.where(cluttered, rng.integers(1, MAX_DISTRACTORS + 1, size=n), 0)
+    return _scenes(rng, shape, domain, distractors)
 
 
-def _scenes(rng, shape, domain):
+def _scenes(rng, shape, domain, distractors):
+    """Scene arrays. A cluttered scene (distractors > 0) has its main object large and in the centre, and its
+    distractors small, in distinct corners, of distinct classes other than the main one; unused distractor
+    slots hold -1."""
     n = len(shape)
-    return {
+    scenes = {
         "shape": shape, "domain": domain,
         "color": rng.integers(len(COLORS), size=n), "size": rng.integers(len(SIZES), size=n),
         "position": rng.integers(len(POSITIONS), size=n), "background": rng.integers(len(BACKGROUNDS), size=n),
         "rotation": rng.uniform(-0.2, 0.2, size=n), "offset": rng.uniform(-0.07, 0.07, size=(n, 2)),
         "scale": rng.uniform(0.9, 1.1, size=n), "texture_seed": rng.integers(2 ** 31, size=n),
     }
+    # Random orderings with the main class last give distinct distractor classes; the same for corners.
+    class_order = np.argsort(rng.uniform(size=(n, len(CLASSES))) + np.eye(len(CLASSES))[shape], axis=1)
+    corner_order = np.argsort(rng.uniform(size=(n, len(CORNERS))), axis=1)
+    used = np.arange(MAX_DISTRACTORS) < np.asarray(distractors)[:, None]
+    scenes.update({
+        "distractor_shape": np.where(used, class_order[:, :MAX_DISTRACTORS], -1),
+        "distractor_color": np.where(used, rng.integers(len(COLORS), size=(n, MAX_DISTRACTORS)), -1),
+        "distractor_corner": np.where(used, corner_order[:, :MAX_DISTRACTORS], -1),
+        "distractor_rotation": rng.uniform(-0.2, 0.2, size=(n, MAX_DISTRACTORS)),
+    })
+    cluttered = used.any(axis=1)
+    scenes["size"] = np.where(cluttered, list(SIZES).index("large"), scenes["size"])
+    scenes["position"] = np.where(cluttered, list(POSITIONS).index("in the center"), scenes["position"])
+    return scenes
 
 
-def balanced_scenes(n_per_class, seed, stream, domains=DOMAINS, classes=CLASSES):
-    """n_per_class scenes for every (domain, class) pair, in a fixed order."""
+def balanced_scenes(n_per_class, seed, stream, domains=DOMAINS, classes=CLASSES, distractors=BENCHMARK_DISTRACTORS,
+                    clutter_share=BENCHMARK_CLUTTER_SHARE):
+    """n_per_class scenes for every (domain, class) pair, in a fixed order; a clutter_share of them (drawn at
+    random) have `distractors` distractors, the others none."""
     rng = _rng(seed, "balanced", stream)
     grid = [(DOMAINS.index(d), CLASSES.index(c)) for d in domains for c in classes for _ in range(n_per_class)]
     domain, shape = (np.array(v) for v in zip(*grid))
-    return _scenes(rng, shape, domain)
+    # Which pictures are cluttered comes from a stream of its own, so clutter_share moves no other draw.
+    cluttered = _rng(seed, "clutter", stream).uniform(size=len(shape)) < clutter_share
+    return _scenes(rng, shape, domain, np.where(cluttered, distractors, 0))
 
 
 def scene_attributes(scenes, i):
-    """The words describing scene i: {"shape": "star", "color": "red", ...}."""
+    """The words describing scene i's main object: {"shape": "star", "color": "red", ...}."""
     return {name: values[scenes[name][i]] for name, values in ATTRIBUTES.items()}
 
 
+def scene_distractors(scenes, i):
+    """The words describing scene i's distractors: [{"shape": ..., "color": ..., "position": ...}]."""
+    return [{"shape": CLASSES[shape], "color": list(COLORS)[color], "size": "small", "position": list(CORNERS)[corner]}
+            for shape, color, corner in zip(scenes["distractor_shape"][i], scenes["distractor_color"][i],
+                                            scenes["distractor_corner"][i]) if shape >= 0]
+
+
 # ----------------------------------------------------------------------------------------------- render
-def _grid(scene_i, scenes):
+def _coordinates(scenes, i):
     size = IMAGE_SIZE * SUPERSAMPLE
     coords = (np.arange(size) + 0.5) / size * 2 - 1
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    cx, cy = np.array(list(POSITIONS.values())[scenes["position"][scene_i]]) + scenes["offset"][scene_i]
-    radius = list(SIZES.values())[scenes["size"][scene_i]] * scenes["scale"][scene_i]
-    angle = scenes["rotation"][scene_i]
-    dx, dy = (xx - cx) / radius, (yy - cy) / radius
-    if DOMAINS[scenes["domain"][scene_i]] == "painting":
-        dx = dx / PAINTING_STRETCH
-    x = np.cos(angle) * dx + np.sin(angle) * dy
-    y = -np.sin(angle) * dx + np.cos(angle) * dy
-    return x, y, xx, yy
+    return xx, yy
+
+
+def _local(xx, yy, center, radius, angle, stretch):
+    """Coordinates in units of an object's radius, rotated by its angle and widened by the painters' stretch."""
+    dx, dy = (xx - center[0]) / radius / stretch, (yy - center[1]) / radius
+    return np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy
+
+
+def _objects(scenes, i, xx, yy):
+    """(mask, colour, x, y) of every object in drawing order: distractors first, the main object on top."""
+    stretch = PAINTING_STRETCH if DOMAINS[scenes["domain"][i]] == "painting" else 1.0
+    objects = []
+    for shape, color, corner, angle in zip(scenes["distractor_shape"][i], scenes["distractor_color"][i],
+                                           scenes["distractor_corner"][i], scenes["distractor_rotation"][i]):
+        if shape >= 0:
+            x, y = _local(xx, yy, list(CORNERS.values())[corner], DISTRACTOR_RADIUS, angle, stretch)
+            objects.append((SHAPES[CLASSES[shape]](x, y), np.array(list(COLORS.values())[color]), x, y))
+    center = np.array(list(POSITIONS.values())[scenes["position"][i]]) + scenes["offset"][i]
+    radius = list(SIZES.values())[scenes["size"][i]] * scenes["scale"][i]
+    x, y = _local(xx, yy, center, radius, scenes["rotation"][i], stretch)
+    objects.append((SHAPES[CLASSES[scenes["shape"][i]]](x, y), np.array(list(COLORS.values())[scenes["color"][i]]),
+                    x, y))
+    return objects
 
 
 def _downsample(img):
@@ -155,44 +218,49 @@ def _smooth_noise(rng, cells, size):
 
 def _render_one(scenes, i):
     rng = np.random.default_rng(int(scenes["texture_seed"][i]))
-    x, y, xx, yy = _grid(i, scenes)
-    mask = SHAPES[CLASSES[scenes["shape"][i]]](x, y)
-    color = np.array(list(COLORS.values())[scenes["color"][i]])
+    xx, yy = _coordinates(scenes, i)
     dark = BACKGROUNDS[scenes["background"][i]] == "dark"
     style = DOMAINS[scenes["domain"][i]]
-    size = mask.shape[0]
-    m = mask[..., None]
+    size = xx.shape[0]
 
     if style == "photo":
         top, bottom = (rng.uniform(0.05, 0.3, 3), rng.uniform(0.1, 0.35, 3)) if dark else \
             (rng.uniform(0.65, 0.95, 3), rng.uniform(0.55, 0.85, 3))
         t = (yy[..., None] + 1) / 2
-        background = top * (1 - t) + bottom * t
-        light = np.clip(1.15 - 0.25 * np.hypot(x + 0.5, y + 0.5), 0.55, 1.15)[..., None]
-        shadow = _erode(np.roll(np.roll(mask, 3, 0), 3, 1), 0)[..., None] & ~m
-        img = np.where(m, np.clip(color * light, 0, 1), background * np.where(shadow, 0.6, 1.0))
+        img = top * (1 - t) + bottom * t
+        for mask, color, x, y in _objects(scenes, i, xx, yy):
+            m = mask[..., None]
+            light = np.clip(1.15 - 0.25 * np.hypot(x + 0.5, y + 0.5), 0.55, 1.15)[..., None]
+            shadow = np.roll(np.roll(mask, 3, 0), 3, 1)[..., None] & ~m
+            img = np.where(m, np.clip(color * light, 0, 1), img * np.where(shadow, 0.6, 1.0))
         img = img + rng.normal(0, 0.03, img.shape)
     elif style == "sketch":
         paper = np.array([0.18, 0.2, 0.22]) if dark else np.array([0.97, 0.96, 0.92])
-        ink = color * 0.75 + (0.25 if dark else 0.0)
-        outline = (mask & ~_erode(mask, 2))[..., None]
-        hatch = (((xx + yy) * size / 2).astype(int) % 6 == 0)[..., None] & m
-        img = np.where(outline | hatch, ink, paper)
+        img = np.broadcast_to(paper, (size, size, 3))
+        for mask, color, _, _ in _objects(scenes, i, xx, yy):
+            m = mask[..., None]
+            ink = color * 0.75 + (0.25 if dark else 0.0)
+            outline = (mask & ~_erode(mask, 2))[..., None]
+            hatch = (((xx + yy) * size / 2).astype(int) % 6 == 0)[..., None] & m
+            img = np.where(outline | hatch, ink, np.where(m, paper, img))
         img = img + rng.normal(0, 0.02, img.shape)
     elif style == "cartoon":
-        background = np.array([0.1, 0.12, 0.35]) if dark else np.array([0.75, 0.92, 0.98])
-        outline = (mask & ~_erode(mask, 2))[..., None]
-        saturated = np.clip((color - 0.5) * 1.3 + 0.55, 0, 1)
-        highlight = (np.hypot(x + 0.35, y + 0.35) < 0.18)[..., None] & m
-        img = np.where(m, saturated, background)
-        img = np.where(highlight, 1.0, img)
-        img = np.where(outline, 0.02, img)
+        img = np.broadcast_to(np.array([0.1, 0.12, 0.35]) if dark else np.array([0.75, 0.92, 0.98]), (size, size, 3))
+        for mask, color, x, y in _objects(scenes, i, xx, yy):
+            m = mask[..., None]
+            outline = (mask & ~_erode(mask, 2))[..., None]
+            saturated = np.clip((color - 0.5) * 1.3 + 0.55, 0, 1)
+            highlight = (np.hypot(x + 0.35, y + 0.35) < 0.18)[..., None] & m
+            img = np.where(m, saturated, img)
+            img = np.where(highlight, 1.0, img)
+            img = np.where(outline, 0.02, img)
     else:  # painting
-        canvas = _smooth_noise(rng, 3, size) * 0.35 + (0.05 if dark else 0.55)
+        img = _smooth_noise(rng, 3, size) * 0.35 + (0.05 if dark else 0.55)
         strokes = _smooth_noise(rng, 8, size) - 0.5
-        paint = np.clip(color * 0.8 + 0.1 + strokes * 0.3, 0, 1)
-        soft = _blur(mask.astype(float), 1)[..., None]
-        img = soft * paint + (1 - soft) * canvas
+        for mask, color, _, _ in _objects(scenes, i, xx, yy):
+            paint = np.clip(color * 0.8 + 0.1 + strokes * 0.3, 0, 1)
+            soft = _blur(mask.astype(float), 1)[..., None]
+            img = soft * paint + (1 - soft) * img
         img = img + rng.normal(0, 0.04, (size // 4, size // 4, 3)).repeat(4, 0).repeat(4, 1)
     return _downsample(np.clip(img, 0, 1))
 
@@ -212,47 +280,66 @@ def render(scenes):
 
 # ----------------------------------------------------------------------------------------------- captions
 _TEMPLATES = (
-    "a {domain} of a {size} {color} {shape} {position} on a {background} background.",
-    "a {size} {color} {shape} {position}, {domain}.",
-    "{color} {shape} on a {background} background.",
-    "a {domain} of a {shape}.",
-    "a {color} {shape} {position}.",
-    "{domain}: {size} {shape}, {color}, {background} background.",
-    "a {shape} {position} in a {domain}.",
-    "{shape}",
+    "a {domain} of a {size} {color} {shape} {position}{others} on a {background} background.",
+    "a {size} {color} {shape} {position}{others}, {domain}.",
+    "{color} {shape}{others} on a {background} background.",
+    "a {domain} of a {shape}{others}.",
+    "a {color} {shape} {position}{others}.",
+    "{domain}: {size} {shape}, {color}{others}, {background} background.",
+    "a {shape} {position} in a {domain}{others}.",
+    "{shape}{others}",
 )
 
 
 def caption(scenes, i, rng=None, noise=0.0):
-    """A caption of scene i. With rng, a random template (web-like variety); without, the full description.
+    """A caption of scene i. Without rng, the full description: the main object, then " and a small {color}
+    {shape} {corner}" for each distractor. With rng, web-like alt-text: a random template about one object of
+    the picture, ANY one (the main object is not special to the web), and each other object mentioned or not
+    by a coin flip, in a random order.
 
-    noise is the chance that each attribute word is replaced by a wrong one: the web's imperfect alt-text.
+    noise is the chance that each attribute word of the named object is replaced by a wrong one: the web's
+    imperfect alt-text.
     """
     words = scene_attributes(scenes, i)
+    distractors = scene_distractors(scenes, i)
     if rng is None:
-        return _TEMPLATES[0].format(**words)
+        others = "".join(f" and a small {d['color']} {d['shape']} {d['position']}" for d in distractors)
+        return _TEMPLATES[0].format(others=others, **words)
+    objects = [{k: words[k] for k in ("shape", "color", "size", "position")}, *distractors]
+    order = rng.permutation(len(objects))
+    named, rest = objects[order[0]], [objects[j] for j in order[1:] if rng.uniform() < 0.5]
+    words.update(named)
     for name in words:
         if rng.uniform() < noise:
             words[name] = ATTRIBUTES[name][rng.integers(len(ATTRIBUTES[name]))]
-    return _TEMPLATES[rng.integers(len(_TEMPLATES))].format(**words)
+    others = "".join(f" and a {o['color']} {o['shape']}" for o in rest)
+    return _TEMPLATES[rng.integers(len(_TEMPLATES))].format(others=others, **words)
 
 
 # ----------------------------------------------------------------------------------------------- splits
-def make_split(name, domains=DOMAINS, classes=CLASSES, n_per_class=32, seed=0):
+def make_split(name, domains=DOMAINS, classes=CLASSES, n_per_class=32, seed=0, distractors=BENCHMARK_DISTRACTORS,
+               clutter_share=BENCHMARK_CLUTTER_SHARE):
     """A class-balanced labelled split: n_per_class images of every class in every domain.
 
-    Labels index `classes` (in the order given); each item keeps its domain and its full caption.
+    The downstream convention: a clutter_share of the pictures (drawn at random) have `distractors` small
+    objects of other classes (of all CLASSES, not only `classes`) in their corners, and their label is the
+    main object, large and in the centre. Labels index `classes` (in the order given); each item keeps its
+    domain and its full caption.
     """
     _check(domains, DOMAINS, "domain")
     _check(classes, CLASSES, "class")
-    scenes = balanced_scenes(n_per_class, seed, name, domains, classes)
+    if not 0 <= distractors <= MAX_DISTRACTORS:
+        raise ValueError(f"distractors must be between 0 and {MAX_DISTRACTORS}; got {distractors}.")
+    if not 0 <= clutter_share <= 1:
+        raise ValueError(f"clutter_share is a share of the pictures, between 0 and 1; got {clutter_share}.")
+    scenes = balanced_scenes(n_per_class, seed, name, domains, classes, distractors, clutter_share)
     labels = torch.tensor([list(classes).index(CLASSES[s]) for s in scenes["shape"]])
     return ImageSet(images=render(scenes), labels=labels, classnames=list(classes),
                     domains=[DOMAINS[d] for d in scenes["domain"]],
                     captions=[caption(scenes, i) for i in range(len(labels))], scenes=scenes)
 
 
-def web_corpus(n, seed=0, stream="pretrain", noise=0.1, domain_shares=WEB_DOMAIN_SHARES):
+def web_corpus(n, seed=0, stream="pretrain", noise=0.05, domain_shares=WEB_DOMAIN_SHARES):
     """n image-caption pairs over every domain and class, captions in varied templates with attribute noise.
 
     stream="pretrain" is mini-CLIP's pretraining corpus; stream="candidates" is a disjoint corpus for retrieval.
@@ -262,7 +349,7 @@ def web_corpus(n, seed=0, stream="pretrain", noise=0.1, domain_shares=WEB_DOMAIN
     return render_corpus(*web_captions(n, seed, stream, noise, domain_shares))
 
 
-def web_captions(n, seed=0, stream="pretrain", noise=0.1, domain_shares=WEB_DOMAIN_SHARES):
+def web_captions(n, seed=0, stream="pretrain", noise=0.05, domain_shares=WEB_DOMAIN_SHARES):
     """The scenes and captions of web_corpus(n, ...) without the images (rendering is the slow part): retrieval
     searches captions, so only the pairs it finds need pixels (render_corpus on a subset_scenes)."""
     scenes = sample_scenes(n, seed, stream, domain_shares=domain_shares)
