@@ -273,7 +273,7 @@ class CandidateCorpus:
         return self._make_pairs(np.asarray(indices, dtype=np.int64))
 
     @classmethod
-    def shapeworld(cls, n=20_000, seed=0, noise=0.1):
+    def shapeworld(cls, n=20_000, seed=0, noise=0.05):
         scenes, captions = shapeworld.web_captions(n, seed, stream="candidates", noise=noise)
         return cls(captions, lambda idx: shapeworld.render_corpus(shapeworld.subset_scenes(scenes, idx),
                                                                   [captions[i] for i in idx]))

@@ -35,7 +35,7 @@ def test_swa_is_the_mean_of_the_states_at_the_chosen_steps(setup, monkeypatch):
     for name, value in averaged.items():
         expected = torch.stack([recorded[s][name] for s in (8, 10)]).mean(0)
         torch.testing.assert_close(value, expected)
-    assert not torch.equal(averaged["visual.attnpool.c_proj.weight"], recorded[10]["visual.attnpool.c_proj.weight"])
+    assert not torch.equal(averaged["visual.proj"], recorded[10]["visual.proj"])
     # the live (last) state is kept too, for the sweep's shared trajectories
     torch.testing.assert_close(dict(method.live.model.named_parameters())["logit_scale"], recorded[10]["logit_scale"])
 
