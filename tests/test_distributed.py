@@ -55,9 +55,10 @@ def test_two_gloo_processes_take_the_steps_of_one_process(tmp_path, one_intra_op
     mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
     parallel = torch.load(out, weights_only=True)
     pretrained = models.load_clip("mini", device="cpu")[0].state_dict()
-    # Adam divides by sqrt(v): on entries with near-zero gradients, rounding differences of the all-reduce grow to
-    # about 1e-5 here. One percent of the largest possible total update (lr per step) bounds them.
-    tolerance = 0.01 * STEPS["lr"] * STEPS["num_steps"]
+    # Adam divides by sqrt(v): on entries with near-zero gradients, rounding differences of the all-reduce grow, to
+    # about 4e-5 on mini-CLIP 2's ViT under flyp. Two percent of the largest possible total update (lr per step)
+    # bounds them; a wrong gather or average moves entries by a sizeable part of the whole update.
+    tolerance = 0.02 * STEPS["lr"] * STEPS["num_steps"]
     for method, hparams in METHODS.items():
         single = tiny_run(method, **hparams)
         assert parallel[method]["history"] == pytest.approx(single.history, rel=1e-5), method
