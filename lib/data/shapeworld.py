@@ -167,7 +167,8 @@ def scene_distractors(scenes, i):
 
 
 # ----------------------------------------------------------------------------------------------- render
-def _coordinates(scenes, i):
+def _coordinates():
+    """Pixel centres of the supersampled canvas in [-1, 1] (x right, y down)."""
     size = IMAGE_SIZE * SUPERSAMPLE
     coords = (np.arange(size) + 0.5) / size * 2 - 1
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
@@ -218,7 +219,7 @@ def _smooth_noise(rng, cells, size):
 
 def _render_one(scenes, i):
     rng = np.random.default_rng(int(scenes["texture_seed"][i]))
-    xx, yy = _coordinates(scenes, i)
+    xx, yy = _coordinates()
     dark = BACKGROUNDS[scenes["background"][i]] == "dark"
     style = DOMAINS[scenes["domain"][i]]
     size = xx.shape[0]
