@@ -40,7 +40,8 @@ ATTRIBUTES = {"shape": CLASSES, "color": tuple(COLORS), "size": tuple(SIZES), "p
 # The web corpus's mix of styles, in the order of DOMAINS: paintings are rare, as art is on the web.
 WEB_DOMAIN_SHARES = (0.43, 0.28, 0.28, 0.01)
 # A third of the web's pictures are cluttered: a large main object in the centre and one or two small objects
-# in the corners. Downstream pictures always are (BENCHMARK_DISTRACTORS), and their label is the main object.
+# in the corners. Downstream pictures are cluttered too (a BENCHMARK_CLUTTER_SHARE of them, by default all, each
+# with BENCHMARK_DISTRACTORS), and their label is the main object.
 WEB_CLUTTER_SHARE = 0.35
 MAX_DISTRACTORS = 2
 BENCHMARK_DISTRACTORS = 1
