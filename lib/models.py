@@ -66,8 +66,8 @@ def _reads_end_token_causally(model):
             and getattr(model, "attn_mask", None) is not None)
 
 
-def build_mini(config=None):
-    return open_clip.CLIP(**(config or MINI_CONFIG))
+def build_mini():
+    return open_clip.CLIP(**MINI_CONFIG)
 
 
 def mini_tokenizer():
