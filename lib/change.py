@@ -5,6 +5,8 @@ the block's output changed, as tidy tables (issue 15's per-block picture; figure
 - ``linear_cka(x, y)`` / ``gram_cka(gram_x, gram_y)``: linear centered kernel alignment (Kornblith et al., 2019).
 - ``block_outputs(model, images, tokens)``: every block's output, captured with forward hooks.
 - ``block_cka(model_0, model, images, tokens)`` and ``change_table(model_0, models, images, tokens)``.
+- ``most_changed_blocks(table)``: per method and tower, the block that moved most and the one whose output
+  changed most.
 
 Blocks are grouped as lib.sparse.per_layer_counts groups parameters: ``visual.transformer.resblocks.{i}`` and
 ``transformer.resblocks.{i}`` for ViTs and the text tower, the stages ``visual.layer{i}`` (block i - 1) of a
@@ -145,13 +147,13 @@ def block_cka(model_0, model, images=None, tokens=None, batch_size=256, grams_0=
     return pd.DataFrame(rows, columns=["encoder", "block", "cka"])
 
 
-def change_table(model_0, models, images=None, tokens=None, batch_size=256):
+def change_table(model_0, models, images=None, tokens=None, batch_size=256, grams_0=None):
     """The per-block picture for several fine-tuned models: {label: model} against the zero-shot model_0.
 
     One row per (method, encoder, block), columns method, encoder, block, numel, relative_change (parameters
     only) and cka (NaN for block -1, which has no single output, and for a tower without images or tokens).
-    The zero-shot outputs are computed once."""
-    grams_0 = block_grams(model_0, images, tokens, batch_size)
+    The zero-shot outputs are computed once (or given: grams_0, block_grams(model_0, images, tokens))."""
+    grams_0 = grams_0 if grams_0 is not None else block_grams(model_0, images, tokens, batch_size)
     theta_0 = {k: v.detach() for k, v in model_0.named_parameters()}
     tables = []
     for label, model in models.items():
@@ -160,3 +162,21 @@ def change_table(model_0, models, images=None, tokens=None, batch_size=256):
         tables.append(change.merge(cka, on=["encoder", "block"], how="left").assign(method=label))
     table = pd.concat(tables, ignore_index=True)
     return table[["method", "encoder", "block", "numel", "relative_change", "cka"]]
+
+
+def most_changed_blocks(table):
+    """Per (method, encoder) of a change_table (several seeds are averaged): moved_block, the residual block
+    with the largest relative weight change (NaN when no block moved) and its relative_change, and
+    changed_block, the block whose output has the lowest CKA with zero-shot, and that cka."""
+    blocks = (table[table.block >= 0].groupby(["method", "encoder", "block"], sort=False)[["relative_change", "cka"]]
+              .mean().reset_index())
+    rows = []
+    for (method, encoder), frame in blocks.groupby(["method", "encoder"], sort=False):
+        moved = frame.loc[frame.relative_change.idxmax()]
+        changed = frame.loc[frame.cka.idxmin()] if frame.cka.notna().any() else None
+        rows.append({"method": method, "encoder": encoder,
+                     "moved_block": moved.block if moved.relative_change > 0 else np.nan,
+                     "relative_change": moved.relative_change,
+                     "changed_block": np.nan if changed is None else changed.block,
+                     "cka": np.nan if changed is None else changed.cka})
+    return pd.DataFrame(rows)

@@ -1,4 +1,6 @@
 """Evaluation as tidy tables: one row per (method, seed, domain, class group), and the papers' summaries."""
+import json
+
 import numpy as np
 import pandas as pd
 import scipy.stats
@@ -9,7 +11,7 @@ from .models import encode_images, zeroshot_head
 
 
 def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, temperature=1.0,
-             **labels):
+             scaled_temperature=None, reliability=False, **labels):
     """Accuracy and calibration per domain and class group as a DataFrame (labels, domain, group, n, accuracy,
     ece).
 
@@ -22,7 +24,11 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
     ece is expected_calibration_error of softmax(logits / temperature) over the rows' images. Our choice of
     logits for the text head: the model's own logit_scale.exp() times the cosines (CLIP's zero-shot
     probabilities; 100 for a model without a logit_scale); a head's logits are used as they are. temperature
-    (e.g. from fit_temperature on ID validation data) changes the ECE, never the accuracy.
+    (e.g. from fit_temperature on ID validation data) changes the ECE, never the accuracy. scaled_temperature
+    adds a column ece_scaled, the ECE at that temperature, so that one pass reports a model before and after
+    temperature scaling. reliability=True adds the reliability bins (RELIABILITY_BINS of them) as JSON lists,
+    bin_count, bin_confidence_sum and bin_correct_sum: sums, so that rows of several domains or seeds pool
+    exactly (pooled_reliability), which is how the runner stores them.
     """
     groups = groups or {"all": list(dataset.classnames)}
     features = encode_images(model, dataset)
@@ -36,15 +42,25 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
         logits, local, in_group = _group_logits(model, tokenizer, dataset, features, classes, head, templates)
         if logits is not None:
             probs = torch.softmax(logits.double() / temperature, dim=-1)
+            if scaled_temperature is not None:
+                scaled = torch.softmax(logits.double() / scaled_temperature, dim=-1)
         group_domains = domains[in_group.numpy()]
         for domain in dict.fromkeys(dataset.domains):
             here = torch.from_numpy(group_domains == domain)
-            accuracy = ece = float("nan")
-            if logits is not None and here.any():
-                accuracy = float((logits[here].argmax(-1) == local[here]).double().mean())
-                ece = expected_calibration_error(probs[here], local[here])
-            rows.append({**labels, "domain": domain, "group": group, "n": int(here.sum()), "accuracy": accuracy,
-                         "ece": ece})
+            known = logits is not None and bool(here.any())
+            row = {**labels, "domain": domain, "group": group, "n": int(here.sum()), "accuracy": float("nan"),
+                   "ece": float("nan")}
+            if known:
+                row["accuracy"] = float((logits[here].argmax(-1) == local[here]).double().mean())
+                row["ece"] = expected_calibration_error(probs[here], local[here])
+            if scaled_temperature is not None:
+                row["ece_scaled"] = expected_calibration_error(scaled[here], local[here]) if known else float("nan")
+            if reliability:
+                sums = (_bin_statistics(probs[here], local[here], RELIABILITY_BINS) if known
+                        else [torch.zeros(RELIABILITY_BINS, dtype=torch.float64)] * 3)
+                row.update({name: json.dumps([round(float(v), 6) for v in values])
+                            for name, values in zip(BIN_COLUMNS, sums)})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -79,6 +95,10 @@ def class_logits(model, tokenizer, dataset, classes=None, head=None, templates=N
     return logits, local
 
 
+RELIABILITY_BINS = 15  # the standard (Guo et al. 2017): equal-width bins of the top-class probability
+BIN_COLUMNS = ("bin_count", "bin_confidence_sum", "bin_correct_sum")
+
+
 def _bin_statistics(probs, labels, num_bins):
     """Per equal-width confidence bin (b/B, (b+1)/B]: count, sum of confidences, sum of correct predictions."""
     probs = torch.as_tensor(probs, dtype=torch.float64)
@@ -110,13 +130,39 @@ def expected_calibration_error(probs, labels, num_bins=15):
 def reliability_table(probs, labels, num_bins=15):
     """The bins of a reliability diagram: bin, lower, upper, count, confidence (mean), accuracy; empty bins have
     count 0 and NaN means. sum(count * |accuracy - confidence|) / N is expected_calibration_error."""
-    count, confidence_sum, correct_sum = _bin_statistics(probs, labels, num_bins)
-    edges = np.linspace(0, 1, num_bins + 1)
+    return _reliability_frame(*(sums.numpy() for sums in _bin_statistics(probs, labels, num_bins)))
+
+
+def pooled_reliability(results):
+    """The reliability table (reliability_table's columns) of all images of the rows of `results` together, from
+    the bin sums that evaluate(..., reliability=True) stores: e.g. every domain-shift row of a method over all
+    seeds. Its ECE, sum(count * |accuracy - confidence|) / N, is that of the pooled images."""
+    missing = [c for c in BIN_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(f"these results have no reliability bins ({missing}); they were stored before the runner "
+                         f"kept them: delete their files under the results folder and run them again.")
+    return _reliability_frame(*(np.sum([json.loads(v) for v in results[c]], axis=0) for c in BIN_COLUMNS))
+
+
+PARTS = {"id": ("base", True), "domain_shift": ("base", False), "new": ("new", None)}
+
+
+def reliability_tables(results, train_domains, part="domain_shift", by="method"):
+    """{method: pooled_reliability} over all seeds for one part of the protocol: "id" (base classes, training
+    domains), "domain_shift" (base classes, the other domains) or "new" (new classes, every domain)."""
+    group, seen = PARTS[part]
+    rows = results[results.group == group]
+    if seen is not None:
+        rows = rows[rows.domain.isin(train_domains) == seen]
+    return {key: pooled_reliability(frame) for key, frame in rows.groupby(by, sort=False)}
+
+
+def _reliability_frame(count, confidence_sum, correct_sum):
+    edges = np.linspace(0, 1, len(count) + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return pd.DataFrame({"bin": np.arange(num_bins), "lower": edges[:-1], "upper": edges[1:],
-                             "count": count.numpy().astype(int),
-                             "confidence": (confidence_sum / count).numpy(),
-                             "accuracy": (correct_sum / count).numpy()})
+        return pd.DataFrame({"bin": np.arange(len(count)), "lower": edges[:-1], "upper": edges[1:],
+                             "count": np.rint(count).astype(int), "confidence": confidence_sum / count,
+                             "accuracy": correct_sum / count})
 
 
 def fit_temperature(logits, labels, max_iter=50):
@@ -148,9 +194,10 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
     domains, mean over domains), new (new classes, mean over all domains), base (base classes, mean over all
     domains) and hm, the harmonic mean of base and new. When the results have an ece column (tables stored
     before it existed have none), id_ece, domain_shift_ece and new_ece are the same means of the per-domain ECE
-    (our choice: a mean over domains like the accuracies, not the ECE of the pooled images)."""
+    (our choice: a mean over domains like the accuracies, not the ECE of the pooled images); likewise
+    id_ece_scaled, ... from an ece_scaled column (after temperature scaling)."""
     keys = [k for k in ("method", "seed") if k in results.columns]
-    calibrated = "ece" in results.columns
+    calibration = [c for c in ("ece", "ece_scaled") if c in results.columns]
 
     def per_run(frame):
         base = frame[frame.group == base_group]
@@ -161,13 +208,13 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
                "base": base.accuracy.mean(),
                "new": new.accuracy.mean() if len(new) else np.nan}
         out["hm"] = harmonic_mean(out["base"], out["new"])
-        if calibrated:
-            out["id_ece"] = base[seen].ece.mean()
-            out["domain_shift_ece"] = base[~seen].ece.mean()
-            out["new_ece"] = new.ece.mean() if len(new) else np.nan
+        for column in calibration:
+            out[f"id_{column}"] = base[seen][column].mean()
+            out[f"domain_shift_{column}"] = base[~seen][column].mean()
+            out[f"new_{column}"] = new[column].mean() if len(new) else np.nan
         return pd.Series(out)
 
-    columns = ["domain", "group", "accuracy"] + (["ece"] if calibrated else [])
+    columns = ["domain", "group", "accuracy"] + calibration
     return results.groupby(keys, sort=False)[columns].apply(per_run).reset_index()
 
 
@@ -204,6 +251,8 @@ def format_table(table, metrics=("id", "domain_shift", "new", "hm"), by="method"
 
 METRIC_NAMES = {"id": "in distribution", "domain_shift": "under domain shift", "new": "on new classes",
                 "base": "on base classes", "hm": "in harmonic mean", "ood": "out of distribution"}
+METRIC_NAMES.update({f"{part}_{ece}": f"{label} {METRIC_NAMES[part]}" for part in ("id", "domain_shift", "new")
+                     for ece, label in (("ece", "ECE"), ("ece_scaled", "ECE after temperature scaling"))})
 
 
 def paired_differences(summary, method, baseline, metrics=("id", "domain_shift", "new")):
@@ -229,3 +278,32 @@ def takeaway(summary, comparisons, metrics=("id", "domain_shift", "new"), title=
                  for m, (mean, half) in differences.items()]
         lines.append(f"* `{method}` against `{baseline}`: {', '.join(parts)}")
     return Markdown("\n".join(lines))
+
+
+def leaders(summary, metric, lower_is_better=True, title=None):
+    """Which methods lead on `metric` (e.g. domain_shift_ece), as Markdown computed from `summary`: the best mean,
+    then every method whose paired difference to it (by seed, 95 % CI) includes 0, i.e. that the seeds cannot
+    tell apart from the best, then the worst. Returns IPython.display.Markdown."""
+    from IPython.display import Markdown
+    means = summary.groupby("method", sort=False)[metric].mean().dropna()
+    order = list(means.sort_values(ascending=lower_is_better).index)
+    best = order[0]
+
+    def cell(method):
+        mean, half = confidence_interval(summary[summary.method == method][metric])
+        return f"`{method}` {100 * mean:.1f}" + ("" if np.isnan(half) else f" ± {100 * half:.1f}")
+    tied = [m for m in order[1:] if _ci_includes_zero(paired_differences(summary, m, best, [metric])[metric])]
+    seeds = summary.seed.nunique()
+    lines = [f"**{title or METRIC_NAMES.get(metric, metric)}** (computed from the results above; mean ± 95 % CI "
+             f"over {seeds} seed{'s' if seeds != 1 else ''}, in points; {'lower' if lower_is_better else 'higher'} "
+             f"is better):", "",
+             f"* best: {cell(best)}",
+             f"* not distinguishable from it (paired by seed, the 95 % CI of the difference includes 0): "
+             + (", ".join(cell(m) for m in tied) if tied else "none"),
+             f"* worst: {cell(order[-1])}"]
+    return Markdown("\n".join(lines))
+
+
+def _ci_includes_zero(difference):
+    mean, half = difference
+    return bool(np.isnan(half) or abs(mean) <= half)

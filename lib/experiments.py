@@ -3,9 +3,10 @@ import copy
 import os
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from .evaluate import evaluate
+from .evaluate import class_logits, evaluate, fit_temperature
 from .methods import ALIASES, get_method
 from .train import finetune
 
@@ -75,15 +76,50 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
     return pd.concat(tables, ignore_index=True), trained
 
 
+def stored_compare(grid, hparams=None, results_dir="results", device="auto", progress=True):
+    """compare through lib.runner's store: the tidy results of every method and seed of `grid` (a runner grid),
+    read where the same run is stored already (by another notebook or the command line) and trained and stored
+    otherwise. hparams: {method: {name: value}}, as compare takes them; a value equal to the registry's default
+    is left out of the run, so that a method as shipped is one stored run whichever notebook asks for it."""
+    from . import runner
+    tables = []
+    for method in grid["methods"]:
+        defaults = get_method(method).hparams
+        changed = {name: value for name, value in (hparams or {}).get(method, {}).items()
+                   if name not in defaults or defaults[name] != value}
+        tables.append(runner.run_grid({**grid, "methods": [method], "hparams": changed}, results_dir, device, progress))
+    return pd.concat(tables, ignore_index=True)
+
+
 def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device="auto", progress=True, **hparams):
     """Fine-tune `method` with `seed` on bench.train and evaluate it on bench.test: the one run that compare and
     lib.runner repeat. Returns (table, trained): lib.evaluate.evaluate's table without method or seed columns
-    (callers label it) and the Trained. The prompt templates are the benchmark's unless hparams set them."""
+    (callers label it), with reliability bins, and, when the benchmark has validation images, the temperature
+    fitted on them (a column) and ece_scaled at that temperature; and the Trained. The prompt templates are the
+    benchmark's unless hparams set them."""
     trained = finetune(model, get_method(method, batch_size=batch_size, **hparams), bench.train, tokenizer,
                        num_steps=num_steps, seed=seed, device=device, progress=progress)
+    templates = trained.method.hparams["templates"]
+    temperature = None
+    if bench.validation is not None and len(bench.validation):
+        temperature = fit_temperature(*class_logits(trained.model, tokenizer, bench.validation, head=trained.head,
+                                                    templates=templates))
     table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
-                     templates=trained.method.hparams["templates"])
+                     templates=templates, scaled_temperature=temperature, reliability=True)
+    if temperature is not None:
+        table["temperature"] = temperature
     return table, trained
+
+
+def change_probe(model, tokenizer, bench, num_images=256, seed=0):
+    """What lib.change compares fine-tuned models on: a seeded sample of num_images held-out test images of every
+    domain, a prompt per class (the benchmark's first template), and the zero-shot model's Gram matrices of
+    every block on them (computed once). Pass it to lib.change.change_table as **probe."""
+    from .change import block_grams
+    picks = torch.randperm(len(bench.test), generator=torch.Generator().manual_seed(seed))[:num_images]
+    images = bench.test.subset(sorted(picks.tolist()))
+    tokens = tokenizer([bench.templates[0].format(c) for c in bench.base_classes + bench.new_classes])
+    return dict(images=images, tokens=tokens, grams_0=block_grams(model, images, tokens))
 
 
 def dg_benchmark(dataset="shapeworld", data_root=None, test_domain="painting", n_train_per_class=32,
@@ -183,3 +219,33 @@ def wise_ft_curves(model, tokenizer, bench, finetuned, alphas, templates=None):
         tables.append(wise_ft_sweep(work, theta_0, tuned.state_dict(), alphas, metrics).assign(method=label))
     table = pd.concat(tables, ignore_index=True)
     return table[["method", "alpha"] + [c for c in table.columns if c not in ("method", "alpha")]]
+
+
+def wise_ft_selected(model, tokenizer, bench, tuned, alphas, templates=None):
+    """WiSE-FT with its mixing coefficient chosen on ID validation data, as the WiSE-FT paper chooses it.
+
+    tuned: {seed: fine-tuned model} (from the pre-trained `model`). For each seed, every alpha is scored by its
+    accuracy on bench.validation (base classes of the training domains), and the test summary (id,
+    domain_shift, base, new, hm) at every alpha is kept. Ties go to the smallest alpha, the one closest to
+    zero-shot (our choice). Returns (selected, curves): one row per seed (method "wise-ft", seed, alpha, the
+    metrics) at the chosen alpha, and every alpha's row (columns seed, alpha, validation, the metrics)."""
+    from .averaging import wise_ft_sweep
+    from .evaluate import summarize
+    if bench.validation is None or not len(bench.validation):
+        raise ValueError("Choosing WiSE-FT's alpha needs ID validation images, and this benchmark has none: on a "
+                         "folder dataset, cap n_train_per_class so that training images are left to validate on.")
+    theta_0 = model.state_dict()
+
+    def metrics(interpolated):
+        kept = evaluate(interpolated, tokenizer, bench.validation, groups={"base": bench.base_classes},
+                        templates=templates)
+        test = evaluate(interpolated, tokenizer, bench.test, groups=bench.groups, templates=templates)
+        scores = summarize(test.assign(method="wise-ft"), bench.train_domains).drop(columns="method")
+        scores.insert(0, "validation", (kept.accuracy * kept.n).sum() / kept.n.sum())
+        return scores
+    curves = pd.concat([wise_ft_sweep(copy.deepcopy(fine).eval(), theta_0, fine.state_dict(), alphas, metrics)
+                        .assign(seed=seed) for seed, fine in tuned.items()], ignore_index=True)
+    best = curves.sort_values(["seed", "validation", "alpha"], ascending=[True, False, True]).groupby("seed").head(1)
+    selected = best.drop(columns="validation").assign(method="wise-ft")
+    columns = ["method", "seed", "alpha"] + [c for c in selected.columns if c not in ("method", "seed", "alpha")]
+    return selected[columns].reset_index(drop=True), curves[["seed"] + [c for c in curves.columns if c != "seed"]]

@@ -281,15 +281,19 @@ def id_ood_scatter(table, x_metrics=("domain_shift", "new"), title="every method
     return fig
 
 
-def reliability_diagram(tables, title="reliability diagram", ece=None):
-    """One panel per label of {label: lib.evaluate.reliability_table(probs, labels)}: bars of accuracy per
-    confidence bin, the gap to the bin's mean confidence in red, the diagonal of perfect calibration, and the
-    share of images per bin as a line on a second axis. ece: {label: value} for the panel titles (computed from
-    the table when not given)."""
+def reliability_diagram(tables, title="reliability diagram", ece=None, columns=5):
+    """One panel per label of {label: lib.evaluate.reliability_table(probs, labels)} (or pooled_reliability), in
+    rows of `columns`: bars of accuracy per confidence bin, the gap to the bin's mean confidence in red, the
+    diagonal of perfect calibration, and the share of images per bin as a line on a second axis. ece: {label:
+    value} for the panel titles (computed from the table when not given)."""
     labels = list(tables)
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.3 * len(labels) + 0.6, 3.6), squeeze=False, sharey=True)
+    ncols = min(columns, len(labels))
+    nrows = -(-len(labels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 0.6, 3.4 * nrows + 0.4), squeeze=False,
+                             sharey=True)
+    panels = axes.flatten()
     shares = []
-    for ax, label in zip(axes[0], labels):
+    for ax, label in zip(panels, labels):
         table = tables[label]
         width = float((table.upper - table.lower).iloc[0])
         filled = table[table["count"] > 0]
@@ -305,18 +309,23 @@ def reliability_diagram(tables, title="reliability diagram", ece=None):
                    alpha=0.5, ms=4, label="images in bin")
         share.set_ylim(0, 100)
         share.grid(False)
-        share.tick_params(labelright=ax is axes[0][-1])
+        last_column = ax in axes[:, -1] or ax is panels[len(labels) - 1]
+        share.tick_params(labelright=last_column)
+        if last_column:
+            share.set_ylabel("images in bin (%)")
         shares.append(share)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 100)
         ax.set_title(f"{label}\nECE = {100 * value:.1f} %", fontsize=10)
         ax.set_xlabel("confidence (top-class probability)")
-    axes[0][0].set_ylabel("accuracy (%)")
-    shares[-1].set_ylabel("images in bin (%)")
-    handles, names = axes[0][0].get_legend_handles_labels()
+        if ax in axes[:, 0]:
+            ax.set_ylabel("accuracy (%)")
+    for ax in panels[len(labels):]:
+        ax.set_visible(False)
+    handles, names = panels[0].get_legend_handles_labels()
     share_handles, share_names = shares[0].get_legend_handles_labels()
     fig.legend(handles + share_handles, names + share_names, loc="lower center", ncol=4, fontsize=8,
-               bbox_to_anchor=(0.5, -0.08))
+               bbox_to_anchor=(0.5, -0.08 / nrows))
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -349,6 +358,42 @@ def change_figure(table, title="where each method changes the model"):
     legend = axes[0][-1].get_legend()
     if legend is not None:
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="method", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(points, selected, wise=None, wise_alpha=None, references=None, x_metrics=("domain_shift", "new"),
+                    title="the trade-off explorer"):
+    """ID accuracy against each OOD metric, as in id_ood_scatter: every stored knob value (lib.explorer.stored;
+    small, one colour per knob, labelled with its value), the selected values (lib.explorer.frontier; large,
+    outlined), WiSE-FT's curve over its mixing coefficient (wise: columns alpha and the metrics) with wise_alpha
+    marked, and references (columns method and the metrics; zero-shot a black star)."""
+    knobs = list(dict.fromkeys(list(points.get("knob", [])) + list(selected["knob"])))
+    palette = dict(zip(knobs, sns.color_palette("colorblind", len(knobs))))
+    fig, axes = plt.subplots(1, len(x_metrics), figsize=(6.2 * len(x_metrics), 4.6), squeeze=False)
+    for ax, metric in zip(axes[0], x_metrics):
+        for row in points.itertuples():
+            x, y = 100 * getattr(row, metric), 100 * row.id
+            ax.plot(x, y, "o", color=palette[row.knob], alpha=0.45, ms=5)
+            ax.annotate(f"{row.value:g}", (x, y), textcoords="offset points", xytext=(3, -8), fontsize=6, alpha=0.7)
+        for row in selected.itertuples():
+            ax.plot(100 * getattr(row, metric), 100 * row.id, "o", color=palette[row.knob], ms=11,
+                    markeredgecolor="black", label=f"{row.knob} = {row.value:g}")
+        if wise is not None:
+            curve = wise.sort_values("alpha")
+            ax.plot(100 * curve[metric], 100 * curve["id"], "-", color="gray", lw=1.5, label="WiSE-FT of ft")
+            if wise_alpha is not None:
+                chosen = curve[curve.alpha == wise_alpha]
+                ax.plot(100 * chosen[metric], 100 * chosen["id"], "D", color="gray", ms=9, markeredgecolor="black",
+                        label=f"WiSE-FT alpha = {wise_alpha:g}")
+        for row in ([] if references is None else references.itertuples()):
+            style = dict(marker="*", ms=14, color="black") if row.method == "zeroshot" else \
+                dict(marker="s", ms=8, color="dimgray")
+            ax.plot(100 * getattr(row, metric), 100 * row.id, linestyle="none", label=row.method, **style)
+        ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric).replace(chr(10), ' ')} accuracy (%)")
+        ax.set_ylabel("ID accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -3,8 +3,9 @@
 A grid names methods, seeds, hyperparameters, datasets and a budget, or explicit sizes (n_train_per_class,
 n_test_per_class, num_steps, batch_size); a list value is a sweep. Every run is one point of the grid; its tidy
 results go to results/<key>.csv, where the key is a hash of the run's parameters, next to results/<key>.json (the
-parameters). A run whose CSV exists is skipped, and a CSV appears only complete (written to a temporary file,
-then renamed), so a sweep killed at any moment resumes where it stopped without redoing or corrupting anything.
+parameters) and results/change/<key>.csv (where it changed the model, per block: load_changes). A run whose CSV
+exists is skipped, and a CSV appears only complete (written to a temporary file, then renamed, after the other
+two), so a sweep killed at any moment resumes where it stopped without redoing or corrupting anything.
 A run is trained while holding a lock on results/<key>.lock, so two runners on one folder never train the same
 run twice: the second skips it, and waits for its result at the end. Everything that can be checked before
 training is (methods, hyperparameters, model, dataset folders and images, the results folder), and a run whose
@@ -207,20 +208,23 @@ def execute(runs, todo, benchmarks, results_dir="results", device="auto", progre
 
 def _train_and_store(run, loaded, benchmarks, results_dir, device, writer):
     from . import experiments
+    from .change import change_table
     size, setting = run_size(run), _setting(run)
     if setting not in loaded:
         loaded.clear()  # one model and benchmark in memory at a time
-        loaded[setting] = experiments.setup(
+        model, tokenizer, bench, _ = experiments.setup(
             run["model_name"], run["pretrained"], run["dataset"], run["data_root"], run["train_domains"],
             run["budget"], device, sizes={name: run[name] for name in SIZES if name in run},
             quick_gelu=run.get("quick_gelu"), dataset_options=run.get("dataset_options"),
-            bench=benchmarks.get(setting))[:3]
-    model, tokenizer, bench = loaded[setting]
-    table, _ = experiments.run_one(model, tokenizer, bench, run["method"], run["seed"], size["num_steps"],
-                                   size["batch_size"], device, progress=False, **run["hparams"])
+            bench=benchmarks.get(setting))
+        loaded[setting] = model, tokenizer, bench, experiments.change_probe(model, tokenizer, bench)
+    model, tokenizer, bench, probe = loaded[setting]
+    table, trained = experiments.run_one(model, tokenizer, bench, run["method"], run["seed"], size["num_steps"],
+                                         size["batch_size"], device, progress=False, **run["hparams"])
+    change = change_table(model, {run["method"]: trained.model}, **probe).drop(columns="method")
     if writer:
         _write_atomically(results_dir / f"{run_key(run)}.csv", run,
-                          table.assign(train_domains="+".join(run["train_domains"])))
+                          table.assign(train_domains="+".join(run["train_domains"])), change)
 
 
 @contextlib.contextmanager
@@ -279,10 +283,25 @@ def load_results(runs, results_dir="results"):
     """The stored tables of `runs`, concatenated, with columns for the runs' parameters: method, label (the method
     with its hyperparameters and explicit sizes, what tells runs of one method apart), seed, dataset, one column
     per hyperparameter and per explicit size."""
+    return _load(runs, results_dir)
+
+
+def load_changes(runs, results_dir="results"):
+    """Where each of `runs` changed the model (lib.change.change_table against the zero-shot model, per block of
+    both towers, on experiments.change_probe's held-out images and prompts), with load_results' run columns."""
+    missing = [run for run in runs if not (Path(results_dir) / "change" / f"{run_key(run)}.csv").exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of these runs have no stored per-block change (e.g. "
+                                f"{missing[0]['method']}, seed {missing[0]['seed']}): they ran before the runner "
+                                f"kept it, or have not run. Delete their files under {results_dir} and run_grid again.")
+    return _load(runs, Path(results_dir) / "change")
+
+
+def _load(runs, folder):
     import pandas as pd
     tables = []
     for run in runs:
-        table = pd.read_csv(Path(results_dir) / f"{run_key(run)}.csv")
+        table = pd.read_csv(Path(folder) / f"{run_key(run)}.csv")
         varied = {**run["hparams"], **{name: run[name] for name in SIZES if name in run}}
         label = " ".join([run["method"]] + [f"{n}={v}" for n, v in sorted(varied.items())])
         tables.append(table.assign(method=run["method"], label=label, seed=run["seed"], dataset=run["dataset"],
@@ -291,8 +310,10 @@ def load_results(runs, results_dir="results"):
     return pd.concat(tables, ignore_index=True)
 
 
-def _write_atomically(path, run, table):
+def _write_atomically(path, run, table, change):
+    (path.parent / "change").mkdir(exist_ok=True)
     for target, write in ((path.with_suffix(".json"), lambda f: json.dump(run, f, indent=1, default=str)),
+                          (path.parent / "change" / path.name, lambda f: change.to_csv(f, index=False)),
                           (path, lambda f: table.to_csv(f, index=False))):
         partial = target.with_name(target.name + ".tmp")
         with open(partial, "w") as file:

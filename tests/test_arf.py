@@ -157,3 +157,26 @@ def test_anchor_examples_show_each_training_image_with_its_neighbours(setup):
     assert len(fig.axes) == 8 and labels[1].startswith("retrieved #1") and "\n" in labels[0]
     assert labels[1].replace("\n", " ").endswith(train.captions[3])
     plt.close(fig)
+
+
+def test_wise_ft_selected_takes_the_alpha_best_on_validation_and_reports_its_test_numbers(setup):
+    from lib import experiments
+    from lib.data import load_benchmark
+    from lib.evaluate import evaluate
+    _, tokenizer, _ = setup
+    model = models.load_clip("mini", device="cpu")[0]
+    bench = load_benchmark("shapeworld", None, ["photo"], 4, 3).with_transform(models.mini_preprocess)
+    tuned = {seed: finetune(model, methods.get_method("ft", num_steps=3, batch_size=8, lr=1e-2), bench.train,
+                            tokenizer, seed=seed, progress=False).model for seed in (0, 1)}
+    selected, curves = experiments.wise_ft_selected(model, tokenizer, bench, tuned, [0.0, 0.5, 1.0])
+    assert list(selected.seed) == [0, 1] and set(selected.method) == {"wise-ft"}
+    for row in selected.itertuples():
+        scores = curves[curves.seed == row.seed].set_index("alpha")
+        best = scores.validation.max()
+        assert row.alpha == min(a for a in scores.index if scores.validation[a] == best)  # ties: smallest alpha
+        assert row.id == pytest.approx(scores.id[row.alpha]) and row.hm == pytest.approx(scores.hm[row.alpha])
+    zero = evaluate(model, tokenizer, bench.validation, groups={"base": bench.base_classes})
+    assert curves[curves.alpha == 0.0].validation.tolist() == pytest.approx([zero.accuracy.mean()] * 2)
+    bench.validation = None
+    with pytest.raises(ValueError, match="needs ID validation images"):
+        experiments.wise_ft_selected(model, tokenizer, bench, tuned, [0.0, 1.0])

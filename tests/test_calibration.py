@@ -1,12 +1,14 @@
 """Calibration: expected calibration error, reliability bins, temperature scaling, and ECE in evaluate."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from lib.data import ImageSet
-from lib.evaluate import (class_logits, evaluate, expected_calibration_error, fit_temperature, reliability_table,
-                          summarize)
+from lib.evaluate import (class_logits, evaluate, expected_calibration_error, fit_temperature, leaders,
+                          pooled_reliability, reliability_table, reliability_tables, summarize)
 
 
 def brute_force_ece(probs, labels, num_bins=15):
@@ -130,6 +132,38 @@ def test_evaluate_text_head_uses_the_models_logit_scale(monkeypatch):
     assert results.accuracy.item() == pytest.approx(float((probs.argmax(-1) == labels).double().mean()))
 
 
+def test_stored_bins_pool_domains_exactly_and_scaled_ece_is_the_ece_at_that_temperature():
+    """The runner stores bin sums per (domain, group) row; pooling rows must give the reliability table of all
+    their images together, and ece_scaled the ECE after temperature scaling, both against direct computations."""
+    generator = torch.Generator().manual_seed(8)
+    features = torch.randn(90, 3, generator=generator)
+    labels = torch.randint(0, 3, (90,), generator=generator)
+    domains = ["a"] * 40 + ["b"] * 30 + ["c"] * 20
+    data = ImageSet(images=features, labels=labels, classnames=["x", "y", "z"], domains=domains)
+    weight = 4 * torch.randn(3, 3, generator=generator)
+
+    def head(image_features, names):
+        return image_features @ weight.T
+
+    results = evaluate(FixedFeatures(), None, data, head=head, scaled_temperature=2.5, reliability=True)
+    probs = torch.softmax(torch.nn.functional.normalize(features, dim=-1).double() @ weight.double().T, -1)
+    shifted = np.array([d != "a" for d in domains])
+    pooled = pooled_reliability(results[results.domain != "a"])
+    direct = reliability_table(probs[shifted], labels[shifted])
+    assert pooled["count"].tolist() == direct["count"].tolist() and pooled["count"].sum() == 50
+    filled = direct["count"] > 0
+    np.testing.assert_allclose(pooled.confidence[filled], direct.confidence[filled], atol=1e-5)
+    np.testing.assert_allclose(pooled.accuracy[filled], direct.accuracy[filled], atol=1e-12)
+    pooled_ece = (pooled["count"] * (pooled.accuracy - pooled.confidence).abs()).sum() / pooled["count"].sum()
+    assert pooled_ece == pytest.approx(brute_force_ece(probs[shifted], labels[shifted].numpy()), abs=1e-5)
+    for row in results.itertuples():
+        here = np.array([d == row.domain for d in domains])
+        scaled = torch.softmax(torch.log(probs[here]) / 2.5, -1)
+        assert row.ece_scaled == pytest.approx(brute_force_ece(scaled, labels[here].numpy()))
+    with pytest.raises(ValueError, match="no reliability bins"):
+        pooled_reliability(results.drop(columns="bin_count"))
+
+
 def test_summarize_adds_ece_summaries_only_when_present():
     rows = [{"method": "ft", "seed": 0, "domain": d, "group": g, "n": 5, "accuracy": 0.5, "ece": e}
             for (d, g, e) in [("photo", "base", 0.1), ("sketch", "base", 0.2), ("paint", "base", 0.4),
@@ -156,3 +190,32 @@ def test_reliability_diagram_has_titles_labels_and_a_legend():
     assert f"{100 * expected:.1f} %" in panels[0].get_title()
     assert panels[0].get_ylabel() == "accuracy (%)" and fig.legends
     plots.plt.close(fig)
+
+
+def test_reliability_tables_pool_the_rows_of_each_part_of_the_protocol():
+    rows = []
+    for method, seed, domain, group, count in [("a", 0, "photo", "base", 3), ("a", 1, "photo", "base", 4),
+                                               ("a", 0, "sketch", "base", 5), ("a", 0, "sketch", "new", 7),
+                                               ("b", 0, "sketch", "base", 2)]:
+        bins = [0] * 15
+        bins[-1] = count
+        rows.append({"method": method, "seed": seed, "domain": domain, "group": group, "n": count,
+                     "bin_count": json.dumps(bins), "bin_confidence_sum": json.dumps([b * 0.99 for b in bins]),
+                     "bin_correct_sum": json.dumps([b // 2 for b in bins])})
+    results = pd.DataFrame(rows)
+    counts = {part: {m: int(t["count"].sum()) for m, t in reliability_tables(results, ["photo"], part).items()}
+              for part in ("id", "domain_shift", "new")}
+    assert counts == {"id": {"a": 7}, "domain_shift": {"a": 5, "b": 2}, "new": {"a": 7}}
+    assert reliability_tables(results, ["photo"], "id")["a"].accuracy.iloc[-1] == pytest.approx((1 + 2) / 7)
+
+
+def test_leaders_names_the_best_the_methods_the_seeds_cannot_tell_apart_and_the_worst():
+    values = {"a": [0.10, 0.11, 0.12], "b": [0.105, 0.12, 0.114], "c": [0.30, 0.31, 0.33], "d": [0.14, 0.15, 0.16]}
+    summary = pd.DataFrame([{"method": m, "seed": s, "domain_shift_ece": v[s]} for m, v in values.items()
+                            for s in range(3)])
+    text = leaders(summary, "domain_shift_ece").data
+    assert "best: `a` 11.0 ± 2.5" in text and "ECE under domain shift" in text
+    assert "it (paired by seed, the 95 % CI of the difference includes 0): `b` 11.3" in text
+    assert "`d`" not in text.split("worst")[0].split("includes 0)")[1]  # d is worse than a at every seed
+    assert "worst: `c` 31.3" in text
+    assert "best: `c`" in leaders(summary, "domain_shift_ece", lower_is_better=False).data

@@ -1,9 +1,11 @@
 """Where a method changes the model: relative weight change per block and linear CKA of block outputs."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from lib.change import block_cka, block_outputs, change_table, gram_cka, linear_cka, relative_weight_change
+from lib.change import (block_cka, block_outputs, change_table, gram_cka, linear_cka, most_changed_blocks,
+                        relative_weight_change)
 
 
 def hsic_cka(x, y):
@@ -129,3 +131,19 @@ def test_change_figure_draws_both_towers(vit):
     assert fig._suptitle.get_text() == "per block"
     assert any(ax.get_legend() for ax in fig.axes)
     plots.plt.close(fig)
+
+
+def test_most_changed_blocks_finds_the_block_that_moved_most_and_the_least_similar_output():
+    rows = []
+    for seed, jitter in ((0, 0.0), (1, 0.02)):
+        for block, change, cka in ((-1, 0.9, np.nan), (0, 0.1, 0.95), (1, 0.3 + jitter, 0.7), (2, 0.2, 0.5)):
+            rows.append({"method": "ft", "seed": seed, "encoder": "image", "block": block, "numel": 10,
+                         "relative_change": change, "cka": cka})
+        for block in (0, 1):
+            rows.append({"method": "ft", "seed": seed, "encoder": "text", "block": block, "numel": 10,
+                         "relative_change": 0.0, "cka": 1.0})
+    summary = most_changed_blocks(pd.DataFrame(rows)).set_index("encoder")
+    assert summary.loc["image", "moved_block"] == 1  # block -1 (embeddings) is not a block, though it moved most
+    assert summary.loc["image", "relative_change"] == pytest.approx(0.31)
+    assert summary.loc["image", "changed_block"] == 2 and summary.loc["image", "cka"] == pytest.approx(0.5)
+    assert np.isnan(summary.loc["text", "moved_block"])  # nothing moved in the text tower

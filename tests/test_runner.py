@@ -91,7 +91,7 @@ def test_a_sweep_that_crashes_while_writing_resumes_without_redoing_runs_or_corr
     real_replace = os.replace
 
     def crash_on_third_result(source, target):
-        if Path(target).suffix == ".csv" and len(list(tmp_path.glob("*.csv"))) == 2:
+        if Path(target).parent == tmp_path and Path(target).suffix == ".csv" and len(list(tmp_path.glob("*.csv"))) == 2:
             raise KeyboardInterrupt  # killed between writing the third CSV and renaming it into place
         real_replace(source, target)
     monkeypatch.setattr(runner.os, "replace", crash_on_third_result)
@@ -115,6 +115,26 @@ def test_a_sweep_that_crashes_while_writing_resumes_without_redoing_runs_or_corr
     trained.clear()
     again = runner.run_grid(GRID, tmp_path, progress=False)
     assert trained == [] and again.equals(results)
+
+
+def test_every_run_stores_calibration_and_where_it_changed_the_model(tmp_path):
+    """Beside accuracy: ECE before and after temperature scaling (fitted on ID validation), reliability bins whose
+    counts are the test images, and the per-block change, which is nil for zero-shot and, for ft (the image
+    encoder trains), confined to the image tower."""
+    results = runner.run_grid(GRID, tmp_path, progress=False)
+    assert (results.temperature > 0).all() and results.ece_scaled.between(0, 1).all()
+    counts = results.bin_count.map(lambda v: sum(json.loads(v)))
+    assert (counts == results.n).all()
+    changes = runner.load_changes(runner.expand(GRID), tmp_path)
+    assert set(changes.encoder) >= {"image", "text"} and set(zip(changes.method, changes.seed)) == \
+        {(m, s) for m in GRID["methods"] for s in GRID["seeds"]}
+    blocks = changes[changes.block >= 0]
+    zeroshot, ft = blocks[blocks.method == "zeroshot"], blocks[blocks.method == "ft"]
+    assert (zeroshot.relative_change == 0).all() and zeroshot.cka.sub(1).abs().max() < 1e-6
+    assert (ft[ft.encoder == "image"].relative_change > 0).all() and (ft[ft.encoder == "text"].relative_change == 0).all()
+    assert ft[ft.encoder == "image"].cka.between(0, 1 + 1e-9).all() and ft[ft.encoder == "image"].cka.min() < 1
+    with pytest.raises(FileNotFoundError, match="no stored per-block change"):
+        runner.load_changes(runner.expand({**GRID, "seeds": [5]}), tmp_path)
 
 
 def test_the_cli_killed_with_sigkill_resumes_and_prints_a_summary(monkeypatch, tmp_path, capsys):
@@ -302,3 +322,14 @@ def test_help_and_usage_errors_are_instant():
                             "print(sorted(m for m in ('torch', 'pandas', 'open_clip') if m in sys.modules))"],
                            cwd=ROOT, capture_output=True, text=True)
     assert check.stdout.strip() == "[]"
+
+
+def test_stored_compare_shares_runs_between_notebooks_whatever_defaults_they_spell_out(monkeypatch, tmp_path):
+    runner.run_grid({**GRID, "methods": ["mms"], "seeds": [0]}, tmp_path, progress=False)
+    trained = count_trainings(monkeypatch)
+    grid = {**GRID, "methods": ["zeroshot", "mms"], "seeds": [0]}
+    shipped = experiments.stored_compare(grid, {"mms": {"lam": 0.3}}, tmp_path, progress=False)
+    assert trained == [("zeroshot", 0)]  # mms with its default lam is the run stored above
+    assert set(shipped.method) == {"zeroshot", "mms"} and len(shipped) == 2 * ROWS_PER_RUN
+    changed = experiments.stored_compare(grid, {"mms": {"lam": 0.0}}, tmp_path, progress=False)
+    assert trained == [("zeroshot", 0), ("mms", 0)] and set(changed[changed.method == "mms"].lam) == {0.0}

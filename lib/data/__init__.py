@@ -23,6 +23,9 @@ class Benchmark:
     domains: list
     base_classes: list
     new_classes: list
+    # ID validation: base classes of the training domains, images not trained or tested on (temperature scaling,
+    # choosing WiSE-FT's mixing coefficient). Empty when a folder dataset has no images left (n_train_per_class=None).
+    validation: ImageSet = None
 
     @property
     def templates(self):
@@ -35,7 +38,8 @@ class Benchmark:
 
     def with_transform(self, transform):
         return Benchmark(self.name, self.train.with_transform(transform), self.test.with_transform(transform),
-                         self.train_domains, self.domains, self.base_classes, self.new_classes)
+                         self.train_domains, self.domains, self.base_classes, self.new_classes,
+                         None if self.validation is None else self.validation.with_transform(transform))
 
 
 def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",), n_train_per_class=32,
@@ -44,10 +48,11 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     """The base-to-new and domain-shift benchmark the notebooks use.
 
     ShapeWorld: n_train_per_class images per base class of the training domains; n_test_per_class images of
-    every class in every domain. A DomainBed dataset under data_root: a per-(domain, class) train/test split
-    (test_fraction), CoOp's base/new split of the sorted class names, and training on the base classes of
-    train_domains (n_train_per_class caps the images per class and domain, and n_test_per_class the test images
-    per class and domain; None keeps all). The folders are checked as lib.data.folders.load_domainbed says
+    every class in every domain, and as many per base class of the training domains for validation. A DomainBed
+    dataset under data_root: a per-(domain, class) train/test split (test_fraction), CoOp's base/new split of the
+    sorted class names, and training on the base classes of train_domains (n_train_per_class caps the images per
+    class and domain, and n_test_per_class the test and validation images per class and domain; None keeps
+    all); validation takes the training images that the cap leaves out. The folders are checked as lib.data.folders.load_domainbed says
     (class_folders, partial), and every image the benchmark uses is decoded once, so that a broken file is
     reported with its path before training.
     """
@@ -56,7 +61,8 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
         base, new = list(shapeworld.BASE_CLASSES), list(shapeworld.NEW_CLASSES)
         train = shapeworld.make_split("train", train_domains, base, n_train_per_class, seed)
         test = shapeworld.make_split("test", shapeworld.DOMAINS, shapeworld.CLASSES, n_test_per_class, seed)
-        return Benchmark(dataset, train, test, train_domains, list(shapeworld.DOMAINS), base, new)
+        validation = shapeworld.make_split("validation", train_domains, base, n_test_per_class, seed)
+        return Benchmark(dataset, train, test, train_domains, list(shapeworld.DOMAINS), base, new, validation)
     if data_root is None:
         raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds "
                          f"{dataset}/<domain>/<class>/<image> (DomainBed layout), or use dataset='shapeworld'.")
@@ -67,11 +73,14 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
                          f"{sorted(set(everything.domains))}.")
     train_part, test = folders.train_test_split(everything, test_fraction, seed)
     base, new = folders.base_new_split(everything.classnames)
-    train = train_part.where(domains=train_domains, classes=base).relabel(base)
+    pool = train_part.where(domains=train_domains, classes=base).relabel(base)
+    train, validation = pool, pool.subset([])
     if n_train_per_class is not None:
-        train = folders.k_shot(train, n_train_per_class, seed)
+        train = folders.k_shot(pool, n_train_per_class, seed)
+        validation = folders.k_shot_rest(pool, n_train_per_class, seed)
     if n_test_per_class is not None:
         test = folders.k_shot(test, n_test_per_class, seed)
-    for part in (train, test):
+        validation = folders.k_shot(validation, n_test_per_class, seed)
+    for part in (train, test, validation):
         folders.check_images(part, progress)
-    return Benchmark(dataset, train, test, train_domains, sorted(set(everything.domains)), base, new)
+    return Benchmark(dataset, train, test, train_domains, sorted(set(everything.domains)), base, new, validation)

@@ -152,9 +152,18 @@ def train_test_split(dataset, test_fraction=0.2, seed=0):
 
 def k_shot(dataset, k, seed=0):
     """k items of every class in every domain (all of them where fewer exist); deterministic by seed."""
+    return dataset.subset(_k_shot_indices(dataset, k, seed))
+
+
+def k_shot_rest(dataset, k, seed=0):
+    """The items k_shot(dataset, k, seed) leaves out: a held-out pool (the few-shot validation set)."""
+    keep = set(_k_shot_indices(dataset, k, seed))
+    return dataset.subset([i for i in range(len(dataset)) if i not in keep])
+
+
+def _k_shot_indices(dataset, k, seed):
     rng = np.random.default_rng(seed)
-    keep = [i for _, indices in _groups(dataset, by_class=True).items() for i in rng.permutation(indices)[:k]]
-    return dataset.subset(sorted(keep))
+    return sorted(i for _, indices in _groups(dataset, by_class=True).items() for i in rng.permutation(indices)[:k])
 
 
 def fraction_sample(dataset, fraction, seed=0):

@@ -1,0 +1,85 @@
+"""The trade-off explorer of notebook 06: where one knob of a method puts it on the ID/OOD frontier.
+
+Every point is a run of lib.runner, so a knob value seen before trains nothing (its stored result is read) and a
+new one trains once per seed. WiSE-FT's mixing coefficient needs no run: it interpolates weights already trained
+(lib.experiments.wise_ft_curves). Beside the frontier, the papers' published ViT-B/16 figures, for orientation
+only: other models, data and protocols.
+"""
+from pathlib import Path
+
+import pandas as pd
+
+from . import runner
+from .evaluate import summarize
+from .methods import get_method
+
+# knob: (method, hyperparameter, the values a slider offers; the registry default is among them)
+KNOBS = {
+    "bma_beta": ("clipood", "beta", (0.1, 0.25, 0.5, 1.0, 2.0)),
+    "saft_alpha": ("saft", "alpha", (1e-4, 1e-3, 1e-2, 1e-1)),
+    "arf_cap_weight": ("arf", "cap_weight", (0.0, 0.5, 1.0, 2.0)),
+    "arf_ret_weight": ("arf", "ret_weight", (0.0, 0.5, 1.0, 2.0)),
+}
+
+# As published (percent), quoted for orientation: none of these is comparable to a ShapeWorld number.
+PUBLISHED_VIT_B16 = pd.DataFrame([
+    ("zero-shot CLIP", "ImageNet", 68.3, 59.5, "third-party re-run of the baselines, 3 seeds; OOD = mean of 4 shifts"),
+    ("fine-tuning", "ImageNet", 82.8, 57.1, "same re-run"),
+    ("FLYP", "ImageNet", 82.7, 60.6, "same re-run"),
+    ("ARF", "ImageNet", 82.7, 62.6, "same re-run"),
+    ("Model Stock", "ImageNet", 84.1, None, "Model Stock (ECCV 2024): two fine-tuned models"),
+    ("zero-shot CLIP", "OfficeHome", None, 82.0, "CLIPood (ICML 2023): DomainBed, leave one domain out"),
+    ("CLIPood", "OfficeHome", None, 87.0, "same"),
+    ("zero-shot CLIP", "TerraIncognita", None, 33.4, "same"),
+    ("CLIPood", "TerraIncognita", None, 60.4, "same"),
+], columns=["method", "benchmark", "ID accuracy", "OOD accuracy", "source and protocol"])
+PUBLISHED_OOD_ECE = pd.DataFrame([("FLYP", 18.4), ("CaRot", 7.9)], columns=["method", "OOD ECE (ImageNet shifts)"])
+
+
+def defaults():
+    """{knob: the registry's default value}: where the sliders start."""
+    return {knob: get_method(method).hparams[name] for knob, (method, name, _) in KNOBS.items()}
+
+
+def knob_grid(grid, knob, value):
+    """The grid of one knob value: the knob's method with that hyperparameter, left out when it is the registry's
+    default, so the point is the very run notebook 05 stored for the method as shipped."""
+    method, name, _ = KNOBS[knob]
+    hparams = {} if get_method(method).hparams[name] == value else {name: value}
+    return {**grid, "methods": [method], "hparams": hparams}
+
+
+def frontier(grid, choices, results_dir="results", device="auto"):
+    """One summary row per knob (mean over the grid's seeds): knob, method, value, id, domain_shift, new, hm.
+    choices: {knob: value}; a value not stored yet is trained through the runner (and stored)."""
+    rows = []
+    for knob, value in choices.items():
+        point = knob_grid(grid, knob, value)
+        results = runner.run_grid(point, results_dir, device=device, progress=False)
+        summary = summarize(results, point["train_domains"])
+        rows.append({"knob": knob, "method": KNOBS[knob][0], "value": value,
+                     **summary[["id", "domain_shift", "new", "hm"]].mean().to_dict()})
+    return pd.DataFrame(rows)
+
+
+def stored(grid, results_dir="results"):
+    """frontier's rows for every knob value whose runs are all stored already (nothing trains)."""
+    done = {}
+    for knob, (_, _, values) in KNOBS.items():
+        for value in values:
+            runs = runner.expand(knob_grid(grid, knob, value))
+            if all((Path(results_dir) / f"{runner.run_key(run)}.csv").exists() for run in runs):
+                done.setdefault(knob, []).append(value)
+    return pd.concat([frontier(grid, {knob: value}, results_dir) for knob, values in done.items() for value in values],
+                     ignore_index=True) if done else pd.DataFrame(columns=["knob", "method", "value", "id",
+                                                                            "domain_shift", "new", "hm"])
+
+
+def explore(grid, choices, wise=None, wise_alpha=None, references=None, results_dir="results", device="auto"):
+    """The explorer's figure for one position of the sliders (the function behind notebook 06's widget):
+    frontier(choices) over stored(), with WiSE-FT's curve and the references (lib.plots.tradeoff_figure)."""
+    from .plots import tradeoff_figure
+    chosen = frontier(grid, choices, results_dir, device)
+    seeds = ", ".join(map(str, grid.get("seeds", [0])))
+    return tradeoff_figure(stored(grid, results_dir), chosen, wise, wise_alpha, references,
+                           title=f"the trade-off explorer (seeds {seeds}; large points: the sliders' values)")

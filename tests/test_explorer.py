@@ -1,0 +1,38 @@
+"""The trade-off explorer: knob values are runner runs (a value seen before trains nothing), defaults are the
+runs notebook 05 stores, and the figure draws what it is given."""
+from lib import experiments, explorer, plots
+from lib.methods import get_method
+
+GRID = {"seeds": [0], "budget": "smoke", "train_domains": ["photo"]}
+
+
+def test_every_knob_offers_its_registry_default_and_a_default_is_the_run_as_shipped():
+    assert set(explorer.defaults()) == set(explorer.KNOBS)
+    for knob, (method, name, values) in explorer.KNOBS.items():
+        assert get_method(method).hparams[name] in values, knob
+        default = get_method(method).hparams[name]
+        assert explorer.knob_grid(GRID, knob, default)["hparams"] == {}
+        other = next(v for v in values if v != default)
+        assert explorer.knob_grid(GRID, knob, other) == {**GRID, "methods": [method], "hparams": {name: other}}
+
+
+def test_a_knob_value_trains_once_and_is_read_back_afterwards(monkeypatch, tmp_path):
+    trained = []
+    real = experiments.finetune
+    monkeypatch.setattr(experiments, "finetune", lambda model, method, *a, **k: trained.append(method.name)
+                        or real(model, method, *a, **k))
+    knob = "bma_beta"
+    assert explorer.stored(GRID, tmp_path).empty
+    first = explorer.frontier(GRID, {knob: 2.0}, tmp_path)
+    assert len(trained) == 1 and first.method.tolist() == ["clipood"] and first.value.tolist() == [2.0]
+    again = explorer.frontier(GRID, {knob: 2.0}, tmp_path)
+    assert len(trained) == 1 and again.equals(first)
+    seen = explorer.stored(GRID, tmp_path)
+    assert seen[["knob", "value"]].values.tolist() == [[knob, 2.0]] and len(trained) == 1
+    metrics = first[["id", "domain_shift", "new", "hm"]]
+    assert metrics.notna().all(axis=None) and ((metrics >= 0) & (metrics <= 1)).all(axis=None)
+    fig = explorer.explore(GRID, {knob: 2.0}, results_dir=tmp_path)
+    assert len(trained) == 1  # the figure reads the stored run
+    assert [ax.get_xlabel().split(" (")[0] for ax in fig.axes] == ["domain shift", "new classes"]
+    assert "bma_beta = 2" in [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    plots.plt.close(fig)
