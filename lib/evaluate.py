@@ -293,14 +293,15 @@ def leaders(summary, metric, lower_is_better=True, title=None):
         mean, half = confidence_interval(summary[summary.method == method][metric])
         return f"`{method}` {100 * mean:.1f}" + ("" if np.isnan(half) else f" ± {100 * half:.1f}")
     tied = [m for m in order[1:] if _ci_includes_zero(paired_differences(summary, m, best, [metric])[metric])]
+    worst = order[-1]
     seeds = summary.seed.nunique()
     lines = [f"**{title or METRIC_NAMES.get(metric, metric)}** (computed from the results above; mean ± 95 % CI "
              f"over {seeds} seed{'s' if seeds != 1 else ''}, in points; {'lower' if lower_is_better else 'higher'} "
              f"is better):", "",
              f"* best: {cell(best)}",
              f"* not distinguishable from it (paired by seed, the 95 % CI of the difference includes 0): "
-             + (", ".join(cell(m) for m in tied) if tied else "none"),
-             f"* worst: {cell(order[-1])}"]
+             + (", ".join(cell(m) for m in tied if m != worst) or "none"),
+             f"* worst: {cell(worst)}" + (" (the seeds cannot tell it from the best either)" if worst in tied else "")]
     return Markdown("\n".join(lines))
 
 

@@ -62,9 +62,10 @@ def pretrain(corpus_size=CORPUS_SIZE, num_steps=NUM_STEPS, batch_size=BATCH_SIZE
 
 def zeroshot_report(model, distractors, n_per_class=20, seed=1):
     """Zero-shot accuracy over all classes, per domain, on a held-out balanced split whose pictures have
-    `distractors` small objects beside the labelled one (0: one object per picture)."""
+    `distractors` small objects beside the labelled one (0: one object per picture), in every picture."""
     from .evaluate import evaluate  # avoid an import cycle for `python -m lib.pretrain`
-    test = shapeworld.make_split("pretrain-check", n_per_class=n_per_class, seed=seed, distractors=distractors)
+    test = shapeworld.make_split("pretrain-check", n_per_class=n_per_class, seed=seed, distractors=distractors,
+                                 clutter_share=1.0)
     results = evaluate(model, mini_tokenizer(), test.with_transform(mini_preprocess), groups={"all": test.classnames})
     return {row.domain: round(row.accuracy, 4) for row in results.itertuples()}
 

@@ -222,3 +222,22 @@ def test_folder_benchmarks_cap_the_test_set_check_train_domains_and_use_real_tem
     assert load_benchmark("shapeworld", None, ["photo"], 1, 1).templates == models.SHAPEWORLD_TEMPLATES
     with pytest.raises(ValueError, match=r"train_domains \['sketch'\] are not domains of Toy"):
         load_benchmark("Toy", tmp_path, ["sketch"], 2, 1, progress=False)
+
+
+def test_validation_holds_base_classes_of_the_training_domains_never_trained_or_tested_on(tmp_path):
+    _tree(tmp_path, n=6)
+    folder = load_benchmark("Toy", tmp_path, ["art"], 2, 1, progress=False)
+    world = load_benchmark("shapeworld", None, ["cartoon"], 3, 2)
+    for bench in (folder, world):
+        validation = bench.validation
+        assert len(validation) == len(bench.base_classes) * 1 * (1 if bench is folder else 2)
+        assert set(validation.domains) == set(bench.train_domains)
+        assert validation.classnames == bench.base_classes
+        for other in (bench.train, bench.test):
+            if bench is folder:
+                assert not set(validation.images) & set(other.images)
+            else:
+                flat = other.images.flatten(1)
+                assert not any((flat == image.flatten()).all(1).any() for image in validation.images)
+    everything = load_benchmark("Toy", tmp_path, ["art"], None, 1, progress=False)
+    assert len(everything.validation) == 0  # every training image trains: nothing is left to validate on
