@@ -299,7 +299,7 @@ def leaders(summary, metric, lower_is_better=True, title=None):
              f"over {seeds} seed{'s' if seeds != 1 else ''}, in points; {'lower' if lower_is_better else 'higher'} "
              f"is better):", "",
              f"* best: {cell(best)}",
-             f"* not distinguishable from it (paired by seed, the 95 % CI of the difference includes 0): "
+             "* not distinguishable from it (paired by seed, the 95 % CI of the difference includes 0): "
              + (", ".join(cell(m) for m in tied if m != worst) or "none"),
              f"* worst: {cell(worst)}" + (" (the seeds cannot tell it from the best either)" if worst in tied else "")]
     return Markdown("\n".join(lines))

@@ -279,6 +279,18 @@ def saft_pattern(counts: pd.DataFrame) -> dict:
     return {"image": int(total.get("image", 0)), "text": int(total.get("text", 0)),
             "text_early_share": half_share("text", later=False), "image_late_share": half_share("image", later=True)}
 
+def saft_pattern_report(counts: pd.DataFrame, who: str) -> str:
+    """saft_pattern's three facts as lines of text, each with whether it agrees with the paper's picture."""
+    facts = saft_pattern(counts)
+    lines = [f"{who}: text encoder {facts['text']:,} entries, image encoder {facts['image']:,} "
+             f"(paper: text > image: {'agrees' if facts['text'] > facts['image'] else 'does not agree'})"]
+    for share, where in (("text_early_share", "text encoder, first half of the blocks"),
+                         ("image_late_share", "image encoder, second half of the blocks")):
+        verdict = "agrees" if facts[share] > 0.5 else "does not agree"
+        lines.append(f"  {where}: {100 * facts[share]:.1f} % of its in-block selections ({verdict} with the paper)")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training only the selected entries
 # ----------------------------------------------------------------------------------------------

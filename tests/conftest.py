@@ -1,3 +1,4 @@
+import math
 import os
 import tempfile
 
@@ -29,3 +30,21 @@ def random_mini_setup():
     model = models.build_mini().eval()
     train = shapeworld.make_split("unit-train", domains=["photo"], classes=shapeworld.BASE_CLASSES, n_per_class=4)
     return model, models.mini_tokenizer(), train.with_transform(models.mini_preprocess)
+
+
+class FixedFeatures(torch.nn.Module):
+    """A 'model' whose image features are its inputs (normalized) and whose logit scale is known, so that
+    evaluation and calibration can be checked by hand."""
+
+    def __init__(self, scale=10.0):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+
+    def encode_image(self, images, normalize=True):
+        return torch.nn.functional.normalize(images, dim=-1)
+
+
+@pytest.fixture
+def fixed_features():
+    """FixedFeatures, the class: call it (with a scale) for a model."""
+    return FixedFeatures

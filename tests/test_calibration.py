@@ -78,18 +78,7 @@ def test_temperature_scaling_recovers_a_known_temperature():
     assert after < 0.02 < before
 
 
-class FixedFeatures(torch.nn.Module):
-    """Image features are the inputs; a known logit scale."""
-
-    def __init__(self, scale=10.0):
-        super().__init__()
-        self.logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(scale))))
-
-    def encode_image(self, images, normalize=True):
-        return torch.nn.functional.normalize(images, dim=-1)
-
-
-def test_evaluate_reports_ece_per_domain_and_group_from_the_heads_logits():
+def test_evaluate_reports_ece_per_domain_and_group_from_the_heads_logits(fixed_features):
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(60, 4, generator=generator)
     labels = torch.randint(0, 4, (60,), generator=generator)
@@ -104,7 +93,7 @@ def test_evaluate_reports_ece_per_domain_and_group_from_the_heads_logits():
         return image_features @ weight[[classnames.index(c) for c in names]].T
 
     groups = {"first": ["w", "x", "y"], "second": ["z"]}
-    results = evaluate(FixedFeatures(), None, data, groups=groups, head=head, temperature=2.0, method="m")
+    results = evaluate(fixed_features(), None, data, groups=groups, head=head, temperature=2.0, method="m")
     assert list(results.columns) == ["method", "domain", "group", "n", "accuracy", "ece"]
     normalized = torch.nn.functional.normalize(features, dim=-1)
     for row in results.itertuples():
@@ -115,24 +104,24 @@ def test_evaluate_reports_ece_per_domain_and_group_from_the_heads_logits():
         logits = normalized[idx] @ weight[:3].T
         expected = brute_force_ece(torch.softmax(logits / 2.0, -1), labels[idx].numpy())
         assert row.ece == pytest.approx(expected)
-    logits, local = class_logits(FixedFeatures(), None, data, ["w", "x", "y"], head=head)
+    logits, local = class_logits(fixed_features(), None, data, ["w", "x", "y"], head=head)
     assert logits.shape == (len(local), 3) and int(local.max()) <= 2
 
 
-def test_evaluate_text_head_uses_the_models_logit_scale(monkeypatch):
+def test_evaluate_text_head_uses_the_models_logit_scale(monkeypatch, fixed_features):
     import lib.evaluate
     text = torch.nn.functional.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(4)), dim=-1)
     monkeypatch.setattr(lib.evaluate, "zeroshot_head", lambda model, tokenizer, classes, templates: text)
     features = torch.randn(30, 4, generator=torch.Generator().manual_seed(5))
     labels = torch.arange(30) % 3
     data = ImageSet(images=features, labels=labels, classnames=["a", "b", "c"], domains=["d"] * 30)
-    results = evaluate(FixedFeatures(scale=7.0), None, data)
+    results = evaluate(fixed_features(scale=7.0), None, data)
     probs = torch.softmax(7.0 * torch.nn.functional.normalize(features, dim=-1) @ text.T, -1)
     assert results.ece.item() == pytest.approx(brute_force_ece(probs, labels))
     assert results.accuracy.item() == pytest.approx(float((probs.argmax(-1) == labels).double().mean()))
 
 
-def test_stored_bins_pool_domains_exactly_and_scaled_ece_is_the_ece_at_that_temperature():
+def test_stored_bins_pool_domains_exactly_and_scaled_ece_is_the_ece_at_that_temperature(fixed_features):
     """The runner stores bin sums per (domain, group) row; pooling rows must give the reliability table of all
     their images together, and ece_scaled the ECE after temperature scaling, both against direct computations."""
     generator = torch.Generator().manual_seed(8)
@@ -145,7 +134,7 @@ def test_stored_bins_pool_domains_exactly_and_scaled_ece_is_the_ece_at_that_temp
     def head(image_features, names):
         return image_features @ weight.T
 
-    results = evaluate(FixedFeatures(), None, data, head=head, scaled_temperature=2.5, reliability=True)
+    results = evaluate(fixed_features(), None, data, head=head, scaled_temperature=2.5, reliability=True)
     probs = torch.softmax(torch.nn.functional.normalize(features, dim=-1).double() @ weight.double().T, -1)
     shifted = np.array([d != "a" for d in domains])
     pooled = pooled_reliability(results[results.domain != "a"])

@@ -8,18 +8,7 @@ from lib.data import ImageSet
 from lib.evaluate import confidence_interval, evaluate, harmonic_mean, summarize, with_ci
 
 
-class FixedFeatures(torch.nn.Module):
-    """A 'model' whose image features are the inputs themselves: evaluation can be checked by hand."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def encode_image(self, images, normalize=True):
-        return torch.nn.functional.normalize(images, dim=-1)
-
-
-def test_evaluate_matches_a_hand_count():
+def test_evaluate_matches_a_hand_count(fixed_features):
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(40, 4, generator=generator)
     labels = torch.randint(0, 4, (40,), generator=generator)
@@ -31,7 +20,7 @@ def test_evaluate_matches_a_hand_count():
         return image_features @ weight[[["w", "x", "y", "z"].index(c) for c in classnames]].T
 
     groups = {"first": ["w", "x"], "second": ["y", "z"]}
-    results = evaluate(FixedFeatures(), None, data, groups=groups, head=head, method="m", seed=3)
+    results = evaluate(fixed_features(), None, data, groups=groups, head=head, method="m", seed=3)
     assert set(results.columns) >= {"method", "seed", "domain", "group", "n", "accuracy"}
     normalized = torch.nn.functional.normalize(features, dim=-1)
     for row in results.itertuples():
@@ -46,7 +35,7 @@ def test_evaluate_matches_a_hand_count():
         assert row.method == "m" and row.seed == 3
 
 
-def test_a_head_without_the_classes_gives_nan():
+def test_a_head_without_the_classes_gives_nan(fixed_features):
     data = ImageSet(images=torch.randn(6, 3), labels=torch.tensor([0, 1, 2, 0, 1, 2]), classnames=["a", "b", "c"],
                     domains=["d"] * 6)
 
@@ -55,14 +44,14 @@ def test_a_head_without_the_classes_gives_nan():
             raise KeyError("c")
         return image_features[:, :len(classnames)]
 
-    results = evaluate(FixedFeatures(), None, data, groups={"known": ["a", "b"], "unknown": ["c"]}, head=head)
+    results = evaluate(fixed_features(), None, data, groups={"known": ["a", "b"], "unknown": ["c"]}, head=head)
     assert results.set_index("group").accuracy.isna().tolist() == [False, True]
 
 
-def test_group_with_unknown_classes_is_rejected():
+def test_group_with_unknown_classes_is_rejected(fixed_features):
     data = ImageSet(images=torch.randn(2, 3), labels=torch.tensor([0, 1]), classnames=["a", "b"], domains=["d"] * 2)
     with pytest.raises(ValueError, match="does not have"):
-        evaluate(FixedFeatures(), None, data, groups={"g": ["a", "zebra"]}, head=lambda f, c: f[:, :len(c)])
+        evaluate(fixed_features(), None, data, groups={"g": ["a", "zebra"]}, head=lambda f, c: f[:, :len(c)])
 
 
 def test_summarize_by_hand():

@@ -19,6 +19,7 @@ from lib.sparse import (
     per_layer_counts,
     saft_mask,
     saft_pattern,
+    saft_pattern_report,
     state_bytes,
 )
 
@@ -389,3 +390,10 @@ def test_saft_pattern_reads_the_papers_three_facts_off_the_counts():
     assert pattern == {"image": 15, "text": 12, "text_early_share": 6 / 12, "image_late_share": 2 / 10}
     empty_text = counts.assign(count=np.where(counts.encoder == "text", 0, counts["count"]))
     assert np.isnan(saft_pattern(empty_text)["text_early_share"])
+    report = saft_pattern_report(counts, "toy").splitlines()
+    assert report[0] == "toy: text encoder 12 entries, image encoder 15 (paper: text > image: does not agree)"
+    assert "50.0 % of its in-block selections (does not agree" in report[1]  # a half is not a majority
+    assert "20.0 % of its in-block selections (does not agree" in report[2]
+    flipped = counts.assign(count=[0, 0, 0, 9, 0, 6, 2, 0, 3])
+    assert [line.endswith("agrees with the paper)") for line in saft_pattern_report(flipped, "x").splitlines()[1:]] \
+        == [True, True]
