@@ -164,23 +164,27 @@ def change_table(model_0, models, images=None, tokens=None, batch_size=256, gram
     return table[["method", "encoder", "block", "numel", "relative_change", "cka"]]
 
 
-# A relative change below this is float rounding (an average of identical float32 weights), not a move.
+# A relative change below this is float rounding (an average of identical float32 weights), not a move; a CKA
+# within it of 1 is an unchanged output.
 UNMOVED = 1e-6
 
 
 def most_changed_blocks(table):
     """Per (method, encoder) of a change_table (several seeds are averaged): moved_block, the residual block
     with the largest relative weight change (NaN when no block moved by UNMOVED or more) and its
-    relative_change, and changed_block, the block whose output has the lowest CKA with zero-shot, and that cka."""
+    relative_change, and changed_block, the block whose output has the lowest CKA with zero-shot (NaN when every
+    output is unchanged), and that cka."""
     blocks = (table[table.block >= 0].groupby(["method", "encoder", "block"], sort=False)[["relative_change", "cka"]]
               .mean().reset_index())
     rows = []
     for (method, encoder), frame in blocks.groupby(["method", "encoder"], sort=False):
         moved = frame.loc[frame.relative_change.idxmax()]
         changed = frame.loc[frame.cka.idxmin()] if frame.cka.notna().any() else None
+        if changed is not None and changed.cka > 1 - UNMOVED:
+            changed = None
         rows.append({"method": method, "encoder": encoder,
                      "moved_block": moved.block if moved.relative_change >= UNMOVED else np.nan,
                      "relative_change": moved.relative_change,
                      "changed_block": np.nan if changed is None else changed.block,
-                     "cka": np.nan if changed is None else changed.cka})
+                     "cka": frame.cka.min()})
     return pd.DataFrame(rows)

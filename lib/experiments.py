@@ -76,21 +76,6 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
     return pd.concat(tables, ignore_index=True), trained
 
 
-def stored_compare(grid, hparams=None, results_dir="results", device="auto", progress=True):
-    """compare through lib.runner's store: the tidy results of every method and seed of `grid` (a runner grid),
-    read where the same run is stored already (by another notebook or the command line) and trained and stored
-    otherwise. hparams: {method: {name: value}}, as compare takes them; a value equal to the registry's default
-    is left out of the run, so that a method as shipped is one stored run whichever notebook asks for it."""
-    from . import runner
-    tables = []
-    for method in grid["methods"]:
-        defaults = get_method(method).hparams
-        changed = {name: value for name, value in (hparams or {}).get(method, {}).items()
-                   if name not in defaults or defaults[name] != value}
-        tables.append(runner.run_grid({**grid, "methods": [method], "hparams": changed}, results_dir, device, progress))
-    return pd.concat(tables, ignore_index=True)
-
-
 def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device="auto", progress=True, **hparams):
     """Fine-tune `method` with `seed` on bench.train and evaluate it on bench.test: the one run that compare and
     lib.runner repeat. Returns (table, trained): lib.evaluate.evaluate's table without method or seed columns

@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+from .change import UNMOVED
+
 FIGURES = Path(os.environ.get("LAB_FIGURES") or Path(__file__).resolve().parent.parent / "figures")
 METRIC_LABELS = {"id": "ID\n(train domain, base)", "domain_shift": "domain shift\n(other domains, base)",
                  "new": "new classes\n(all domains)", "base": "base classes\n(all domains)",
@@ -335,7 +337,8 @@ def change_figure(table, title="where each method changes the model"):
     """The per-block picture from lib.change.change_table: top row the relative weight change
     ||theta - theta_0|| / ||theta_0|| per residual block (log scale), bottom row the linear CKA of each block's
     output with the zero-shot model's (1 = unchanged up to rotation and scale); one column per tower, one line
-    per method. Blocks outside the residual stack (block -1) are left out."""
+    per method. Blocks outside the residual stack (block -1) are left out, and so are changes below
+    lib.change.UNMOVED (float rounding)."""
     blocks = table[table.block >= 0]
     encoders = [e for e in ("image", "text") if e in set(blocks.encoder)]
     methods = list(dict.fromkeys(table["method"]))
@@ -344,7 +347,7 @@ def change_figure(table, title="where each method changes the model"):
                              sharex="col")
     for column, encoder in enumerate(encoders):
         rows = blocks[blocks.encoder == encoder]
-        moved = rows[rows.relative_change > 0]
+        moved = rows[rows.relative_change >= UNMOVED]  # float rounding of an average is not a move
         for row, (data, metric, label) in enumerate(((moved, "relative_change", "relative weight change"),
                                                       (rows, "cka", "CKA with zero-shot output"))):
             ax = axes[row][column]

@@ -65,6 +65,22 @@ def expand(grid):
             for seed in grid["seeds"] for hparams in _combinations(grid["hparams"])]
 
 
+def stored_compare(grid, hparams=None, results_dir="results", device="auto", progress=True):
+    """lib.experiments.compare through the store: the tidy results of every method and seed of `grid`, read where
+    the same run is stored already (by another notebook or the command line) and trained and stored otherwise.
+    hparams: {method: {name: value}}, as compare takes them; a value equal to the registry's default is left out
+    of the run, so that a method as shipped is one stored run whichever notebook asks for it."""
+    import pandas as pd
+    from .methods import get_method
+    tables = []
+    for method in grid["methods"]:
+        defaults = get_method(method).hparams
+        changed = {name: value for name, value in (hparams or {}).get(method, {}).items()
+                   if name not in defaults or defaults[name] != value}
+        tables.append(run_grid({**grid, "methods": [method], "hparams": changed}, results_dir, device, progress))
+    return pd.concat(tables, ignore_index=True)
+
+
 def _combinations(values):
     """Every combination of {name: value or list of values} as a list of {name: value}."""
     names = sorted(values)

@@ -147,3 +147,4 @@ def test_most_changed_blocks_finds_the_block_that_moved_most_and_the_least_simil
     assert summary.loc["image", "relative_change"] == pytest.approx(0.31)
     assert summary.loc["image", "changed_block"] == 2 and summary.loc["image", "cka"] == pytest.approx(0.5)
     assert np.isnan(summary.loc["text", "moved_block"])  # nothing moved in the text tower
+    assert np.isnan(summary.loc["text", "changed_block"]) and summary.loc["text", "cka"] == 1.0

@@ -328,8 +328,8 @@ def test_stored_compare_shares_runs_between_notebooks_whatever_defaults_they_spe
     runner.run_grid({**GRID, "methods": ["mms"], "seeds": [0]}, tmp_path, progress=False)
     trained = count_trainings(monkeypatch)
     grid = {**GRID, "methods": ["zeroshot", "mms"], "seeds": [0]}
-    shipped = experiments.stored_compare(grid, {"mms": {"lam": 0.3}}, tmp_path, progress=False)
+    shipped = runner.stored_compare(grid, {"mms": {"lam": 0.3}}, tmp_path, progress=False)
     assert trained == [("zeroshot", 0)]  # mms with its default lam is the run stored above
     assert set(shipped.method) == {"zeroshot", "mms"} and len(shipped) == 2 * ROWS_PER_RUN
-    changed = experiments.stored_compare(grid, {"mms": {"lam": 0.0}}, tmp_path, progress=False)
+    changed = runner.stored_compare(grid, {"mms": {"lam": 0.0}}, tmp_path, progress=False)
     assert trained == [("zeroshot", 0), ("mms", 0)] and set(changed[changed.method == "mms"].lam) == {0.0}
