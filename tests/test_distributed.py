@@ -1,11 +1,13 @@
 """Data-parallel fine-tuning (lib.train.finetune under torch.distributed): two gloo processes on the CPU take
 the same steps as one process on the same global batches, and `torchrun -m lib.runner` writes rank 0's results."""
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch.multiprocessing as mp
 
 from lib import models, runner
 from lib.data import shapeworld as sw
+from lib.evaluate import BIN_COLUMNS
 from lib.methods import get_method
 from lib.train import finetune
 
@@ -97,4 +100,10 @@ def test_torchrun_runs_the_runner_data_parallel_and_rank_0_writes(tmp_path):
     grid = dict(methods=["ft"], seeds=[0], budget="smoke", train_domains=["photo"], n_test_per_class=2)
     single = runner.run_grid(grid, tmp_path / "single", device="cpu", progress=False)
     parallel = runner.load_results(runner.expand(grid), tmp_path / "ddp")
-    pd.testing.assert_frame_equal(parallel, single)
+    # Reliability bins are sums of float32 confidences, stored as JSON text: compare them as numbers (the order in
+    # which the ranks' logits are summed moves the 6th decimal); the temperature is an LBFGS fit of those logits.
+    bins = list(BIN_COLUMNS)
+    pd.testing.assert_frame_equal(parallel.drop(columns=bins), single.drop(columns=bins), rtol=1e-4)
+    for column in bins:
+        np.testing.assert_allclose(np.array(parallel[column].map(json.loads).tolist()),
+                                   np.array(single[column].map(json.loads).tolist()), atol=1e-4)

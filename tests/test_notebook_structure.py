@@ -32,7 +32,8 @@ def test_each_equation_is_followed_by_the_code_that_implements_it(name):
         assert kind == "code" and ("inspect.getsource" in following or "assert " in following), \
             f"{name}: the equation {phrase!r} is not followed by lib's code (getsource or an assert against lib)"
     first_experiment = min(i for i, (_, text) in enumerate(notebook)
-                           if "experiments.compare" in text or "experiments.fraction_sweep" in text)
+                           if any(call in text for call in ("experiments.compare", "experiments.fraction_sweep",
+                                                            "runner.stored_compare")))
     last_equation = max(i for i, (kind, text) in enumerate(notebook) if kind == "markdown" and "$$" in text)
     assert last_equation < first_experiment, f"{name}: the equations come before the experiments"
 
