@@ -52,9 +52,9 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     dataset under data_root: a per-(domain, class) train/test split (test_fraction), CoOp's base/new split of the
     sorted class names, and training on the base classes of train_domains (n_train_per_class caps the images per
     class and domain, and n_test_per_class the test and validation images per class and domain; None keeps
-    all); validation takes the training images that the cap leaves out. The folders are checked as lib.data.folders.load_domainbed says
-    (class_folders, partial), and every image the benchmark uses is decoded once, so that a broken file is
-    reported with its path before training.
+    all); validation takes the training images that the cap leaves out. The folders are checked as
+    lib.data.folders.load_domainbed says (class_folders, partial), and every image the benchmark uses is decoded
+    once, so that a broken file is reported with its path before training.
     """
     train_domains = list(train_domains)
     if dataset == "shapeworld":
