@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .files import IMAGE_SUFFIXES, image_files, subfolders
 from .imageset import ImageSet
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LAYOUT = """Expected layout (DomainBed):
     {root}/
       {dataset}/
@@ -46,14 +46,14 @@ def load_domainbed(root, dataset, domains=None, classes=None, class_folders="err
     layout = LAYOUT.format(root=root, dataset=dataset)
     if not base.is_dir():
         raise FileNotFoundError(f"No dataset folder {base}.\n{layout}")
-    found_domains = sorted(p.name for p in base.iterdir() if p.is_dir())
+    found_domains = [p.name for p in subfolders(base)]
     if not found_domains:
         raise FileNotFoundError(f"{base} has no domain folders.\n{layout}")
     domains = list(domains) if domains is not None else found_domains
     missing = [d for d in domains if d not in found_domains]
     if missing:
         raise FileNotFoundError(f"{base} has no domain folder(s) {missing}; it has {found_domains}.\n{layout}")
-    per_domain = {d: {p.name for p in (base / d).iterdir() if p.is_dir()} for d in domains}
+    per_domain = {d: {p.name for p in subfolders(base / d)} for d in domains}
     folders = sorted(set.union(*per_domain.values()))
     common = sorted(set.intersection(*per_domain.values()))
     if folders != common and class_folders == "error":
@@ -76,7 +76,7 @@ def load_domainbed(root, dataset, domains=None, classes=None, class_folders="err
     paths, labels, item_domains, empty = [], [], [], []
     for domain in domains:
         for label, folder in enumerate(folders):
-            images = [p for p in sorted((base / domain / folder).glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            images = image_files(base / domain / folder)
             if not images:
                 empty.append(f"{domain}/{folder}")
             paths.extend(map(str, images))
