@@ -6,20 +6,24 @@ import pandas as pd
 import scipy.stats
 import torch
 
-from .data import templates_for
+from .data import Classification, class_ids, templates_for
 from .models import encode_images, zeroshot_head
 
 
 def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, temperature=1.0,
-             scaled_temperature=None, reliability=False, **labels):
+             scaled_temperature=None, reliability=False, classification=None, **labels):
     """Accuracy and calibration per domain and class group as a DataFrame (labels, domain, group, n, accuracy,
     ece).
 
-    groups maps a group name to class names; each group is classified among its own classes only (the CoOp
-    base-to-new protocol). head(image_features, classnames) -> logits replaces the text head (linear probes);
-    a head that does not know a group's classes gives NaN accuracy and ECE for it. templates: the prompt
-    templates of the text head; None, the dataset's (lib.data.templates_for). labels (method=..., seed=...) are
-    copied into every row.
+    groups maps a group name to class ids (indices into dataset.classnames; unique names are accepted too);
+    each group is classified among its own classes only (the CoOp base-to-new protocol). classification (a
+    lib.data.Classification, e.g. bench.classification) narrows a domain's classes (ImageNet-A/R, ObjectNet),
+    makes a class the max over other classes' logits (ObjectNet), gives a domain its own prompts (cross-dataset)
+    or classifies a group among other classes (CLIPood in the wild). head(image_features, ids) -> logits replaces
+    the text head (linear probes), ids being the classes' ids in the benchmark (dataset.ids); a head that does
+    not know a group's classes raises KeyError and gives NaN accuracy and ECE. templates: the prompt templates of
+    the text head; None, the dataset's (lib.data.templates_for). labels (method=..., seed=...) are copied into
+    every row.
 
     ece is expected_calibration_error of softmax(logits / temperature) over the rows' images. Our choice of
     logits for the text head: the model's own logit_scale.exp() times the cosines (CLIP's zero-shot
@@ -30,33 +34,26 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
     bin_count, bin_confidence_sum and bin_correct_sum: sums, so that rows of several domains or seeds pool
     exactly (pooled_reliability), which is how the runner stores them.
     """
-    groups = groups or {"all": list(dataset.classnames)}
+    groups = groups or {"all": list(range(len(dataset.classnames)))}
     features = encode_images(model, dataset)
-    domains = np.array(dataset.domains)
     rows = []
     for group, classes in groups.items():
-        unknown = [c for c in classes if c not in dataset.classnames]
-        if unknown:
-            raise ValueError(f"Group {group!r} names classes {unknown} that the dataset does not have; "
-                             f"its classes are {dataset.classnames}.")
-        logits, local, in_group = _group_logits(model, tokenizer, dataset, features, classes, head, templates)
-        if logits is not None:
-            probs = torch.softmax(logits.double() / temperature, dim=-1)
-            if scaled_temperature is not None:
-                scaled = torch.softmax(logits.double() / scaled_temperature, dim=-1)
-        group_domains = domains[in_group.numpy()]
-        for domain in dict.fromkeys(dataset.domains):
-            here = torch.from_numpy(group_domains == domain)
-            known = logits is not None and bool(here.any())
-            row = {**labels, "domain": domain, "group": group, "n": int(here.sum()), "accuracy": float("nan"),
+        members = class_ids(dataset.classnames, classes, f"group {group!r}")
+        for domain, (logits, local, _) in _group_logits(model, tokenizer, dataset, features, members, head, templates,
+                                                     classification, group).items():
+            known = logits is not None and len(local) > 0
+            row = {**labels, "domain": domain, "group": group, "n": len(local), "accuracy": float("nan"),
                    "ece": float("nan")}
             if known:
-                row["accuracy"] = float((logits[here].argmax(-1) == local[here]).double().mean())
-                row["ece"] = expected_calibration_error(probs[here], local[here])
+                probs = torch.softmax(logits.double() / temperature, dim=-1)
+                row["accuracy"] = float((logits.argmax(-1) == local).double().mean())
+                row["ece"] = expected_calibration_error(probs, local)
             if scaled_temperature is not None:
-                row["ece_scaled"] = expected_calibration_error(scaled[here], local[here]) if known else float("nan")
+                row["ece_scaled"] = (expected_calibration_error(torch.softmax(logits.double() / scaled_temperature,
+                                                                              dim=-1), local)
+                                     if known else float("nan"))
             if reliability:
-                sums = (_bin_statistics(probs[here], local[here], RELIABILITY_BINS) if known
+                sums = (_bin_statistics(probs, local, RELIABILITY_BINS) if known
                         else [torch.zeros(RELIABILITY_BINS, dtype=torch.float64)] * 3)
                 row.update({name: json.dumps([round(float(v), 6) for v in values])
                             for name, values in zip(BIN_COLUMNS, sums)})
@@ -64,35 +61,71 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
     return pd.DataFrame(rows)
 
 
-def _group_logits(model, tokenizer, dataset, features, classes, head, templates):
-    """(logits or None, labels among `classes`, mask of the dataset's items in `classes`); logits and labels
-    cover the masked items only. None when the head does not know the classes."""
-    names = [dataset.classnames[int(y)] for y in dataset.labels]
-    in_group = torch.tensor([name in classes for name in names], dtype=torch.bool)
-    local = torch.tensor([classes.index(name) for name in names if name in classes], dtype=torch.long)
-    group_features = features[in_group]
+def _group_logits(model, tokenizer, dataset, features, members, head, templates, classification, group=None):
+    """{domain: (logits or None, labels, item indices)} for the images of each domain whose class is in `members`, classified
+    among `members` (or classification.among[group]) narrowed to the domain's classes; labels index those
+    candidates. None when the head does not know the classes. The logits of the domains that share prompts are
+    computed in one pass over the classes they need (their "columns": a class, or the classes it takes the max
+    over), then each domain takes its candidates' columns."""
+    plan = classification or Classification()
+    default_templates = tuple(templates or templates_for(dataset))
+    candidates_of = plan.among.get(group, members)
+    labels = dataset.labels.tolist()
+    candidates, passes = {}, {}
+    for domain in dict.fromkeys(dataset.domains):
+        allowed = set(plan.classes.get(domain, candidates_of))
+        candidates[domain] = [c for c in candidates_of if c in allowed]
+        if domain in plan.classes and not set(candidates[domain]) & set(members):
+            continue  # a domain with its own classes, none of them in this group (e.g. cross-dataset ones)
+        passes.setdefault(tuple(plan.templates.get(domain, default_templates)), []).append(domain)
+    member_set = set(members)
+    out = {}
+    for prompts, domains in passes.items():
+        wanted = {d: set(candidates[d]) & member_set for d in domains}
+        items = [i for i, (d, y) in enumerate(zip(dataset.domains, labels)) if d in wanted and y in wanted[d]]
+        columns = list(dict.fromkeys(k for d in domains for c in candidates[d] for k in plan.columns.get(c, [c])))
+        logits = _logits(model, tokenizer, dataset, features[items], columns, head, prompts) if items else None
+        position = {k: j for j, k in enumerate(columns)}
+        for domain in domains:
+            here = torch.tensor([dataset.domains[i] == domain for i in items], dtype=torch.bool)
+            index = {c: j for j, c in enumerate(candidates[domain])}
+            local = torch.tensor([index[labels[i]] for i, h in zip(items, here) if h], dtype=torch.long)
+            mine_items = [i for i, h in zip(items, here) if h]
+            if logits is None:
+                out[domain] = (None, local, mine_items)
+                continue
+            mine = logits[here]
+            spans = [[position[k] for k in plan.columns.get(c, [c])] for c in candidates[domain]]
+            if all(len(span) == 1 for span in spans):
+                out[domain] = (mine[:, [span[0] for span in spans]], local, mine_items)
+            else:  # a class whose logit is the max over several classes' (ObjectNet over ImageNet)
+                out[domain] = (torch.stack([mine[:, span].amax(-1) for span in spans], -1), local, mine_items)
+    return out
+
+
+def _logits(model, tokenizer, dataset, features, columns, head, templates):
+    """Logits [N, len(columns)] of the head, or of the model's text head with `templates`; None when the head does
+    not know the classes."""
     if head is not None:
         try:
-            return head(group_features, classes).float(), local, in_group
+            return head(features, [dataset.ids[c] for c in columns]).float()
         except KeyError:
-            return None, local, in_group
-    text_features = zeroshot_head(model, tokenizer, classes, templates or templates_for(dataset)).to(features.device)
+            return None
+    text_features = zeroshot_head(model, tokenizer, [dataset.classnames[c] for c in columns], list(templates))
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 100.0
-    return scale * group_features @ text_features.T, local, in_group
+    return scale * features @ text_features.to(features.device).T
 
 
 def class_logits(model, tokenizer, dataset, classes=None, head=None, templates=None):
-    """(logits [N, C], labels [N]) of the dataset's images of `classes` (all its classes by default), classified
-    among those classes exactly as evaluate does; labels index into `classes`. For fit_temperature."""
-    classes = list(classes or dataset.classnames)
-    unknown = [c for c in classes if c not in dataset.classnames]
-    if unknown:
-        raise ValueError(f"classes {unknown} are not in the dataset; its classes are {dataset.classnames}.")
-    logits, local, _ = _group_logits(model, tokenizer, dataset, encode_images(model, dataset), classes, head,
-                                     templates)
-    if logits is None:
-        raise KeyError(f"the head does not know all of the classes {classes}")
-    return logits, local
+    """(logits [N, C], labels [N]) of the dataset's images of `classes` (ids; all its classes by default),
+    classified among those classes exactly as evaluate does; labels index into `classes`. For fit_temperature."""
+    members = class_ids(dataset.classnames, range(len(dataset.classnames)) if classes is None else classes)
+    parts = [part for part in _group_logits(model, tokenizer, dataset, encode_images(model, dataset), members, head,
+                                            templates, None).values() if len(part[2])]
+    if any(logits is None for logits, _, _ in parts):
+        raise KeyError(f"the head does not know all of the classes {members}")
+    order = torch.tensor([i for _, _, items in parts for i in items]).argsort()  # back to the dataset's order
+    return torch.cat([logits for logits, _, _ in parts])[order], torch.cat([local for _, local, _ in parts])[order]
 
 
 RELIABILITY_BINS = 15  # the standard (Guo et al. 2017): equal-width bins of the top-class probability

@@ -51,7 +51,8 @@ def setup(model_name="mini", pretrained=None, dataset="shapeworld", data_root=No
 
 
 def benchmark(dataset, data_root, train_domains, settings, dataset_options=None, progress=True):
-    """lib.data.load_benchmark at a budget's sizes; dataset_options (class_folders, partial) for folder datasets."""
+    """lib.data.load_benchmark at a budget's sizes; dataset_options (e.g. protocol, partial, class_folders,
+    cross_dataset) for datasets on disk."""
     from .data import load_benchmark
     return load_benchmark(dataset, data_root, train_domains, settings["n_train_per_class"],
                           settings["n_test_per_class"], progress=progress, **(dataset_options or {}))
@@ -82,15 +83,17 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
     (callers label it), with reliability bins, and, when the benchmark has validation images, the temperature
     fitted on them (a column) and ece_scaled at that temperature; and the Trained. The prompt templates are the
     benchmark's unless hparams set them."""
-    trained = finetune(model, get_method(method, batch_size=batch_size, **hparams), bench.train, tokenizer,
-                       num_steps=num_steps, seed=seed, device=device, progress=progress)
+    method = get_method(method, batch_size=batch_size, **{"templates": bench.templates, **hparams})
+    trained = finetune(model, method, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
+                       progress=progress)
     templates = trained.method.hparams["templates"]
     temperature = None
     if bench.validation is not None and len(bench.validation):
         temperature = fit_temperature(*class_logits(trained.model, tokenizer, bench.validation, head=trained.head,
                                                     templates=templates))
     table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
-                     templates=templates, scaled_temperature=temperature, reliability=True)
+                     templates=templates, scaled_temperature=temperature, reliability=True,
+                     classification=bench.classification)
     if temperature is not None:
         table["temperature"] = temperature
     return table, trained

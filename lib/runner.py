@@ -35,7 +35,8 @@ from .notebooks import parse_value
 # A run's size: the budget's values unless the grid sets them (None = the budget's).
 SIZES = ("n_train_per_class", "n_test_per_class", "num_steps", "batch_size")
 # Part of a run (and of its key) only when set, like the sizes, so that the keys of earlier runs stay valid:
-# dataset_options go to lib.data.load_benchmark (class_folders, partial), quick_gelu to lib.models.load_clip.
+# dataset_options go to lib.data.load_benchmark (e.g. protocol, partial, class_folders), quick_gelu to
+# lib.models.load_clip.
 OPTIONAL = dict(dataset_options={}, quick_gelu=None)
 GRID_DEFAULTS = dict(methods=["ft"], seeds=[0], hparams={}, datasets=["shapeworld"], data_root=None,
                      train_domains=["painting"], budget="default", model_name="mini", pretrained=None,
@@ -134,19 +135,11 @@ def validate(runs):
             check_model(run["model_name"], run["pretrained"])
             models_checked.add((run["model_name"], run["pretrained"]))
         if run["dataset"] != "shapeworld":
+            from .data import loader
             if run["data_root"] is None:
                 raise ValueError(f"dataset {run['dataset']!r} is read from disk: set data_root to the folder that "
-                                 f"holds {run['dataset']}/<domain>/<class>/<image> (DomainBed layout).")
-            folder = Path(run["data_root"]) / run["dataset"]
-            if not folder.is_dir():
-                raise FileNotFoundError(f"No dataset folder {folder}: put {run['dataset']} there in the DomainBed "
-                                        f"layout <data_root>/{run['dataset']}/<domain>/<class>/<image>, or fix "
-                                        f"data_root / the dataset name in the grid.")
-            missing = [d for d in run["train_domains"] if not (folder / d).is_dir()]
-            if missing:
-                found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-                raise FileNotFoundError(f"{folder} has no folder for the train domain(s) {missing}; its domains are "
-                                        f"{found}: fix train_domains.")
+                                 f"holds it (the README's real-tier section draws each layout).")
+            loader(run["dataset"]).check(run["data_root"], run["dataset"], run["train_domains"])
         else:
             from .data import shapeworld
             missing = [d for d in run["train_domains"] if d not in shapeworld.DOMAINS]
@@ -357,8 +350,9 @@ def main(argv=None):
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dataset-option", action="append", default=[], metavar="NAME=VALUE",
-                        help="an option of lib.data.load_benchmark for folder datasets: class_folders=intersection "
-                             "(keep the classes every domain has), partial=true (a partial copy is intended)")
+                        help="an option of lib.data.load_benchmark for datasets on disk, e.g. protocol=base-to-new|"
+                             "in-the-wild|leave-one-domain-out (DomainBed), protocol=domain-shift|base-to-new "
+                             "(ImageNet), cross_dataset='[\"DTD\"]', class_folders=intersection, partial=true")
     parser.add_argument("--quick-gelu", type=parse_value, metavar="true|false",
                         help="the activation of open_clip models (default: decided by the weights)")
     args = parser.parse_args(argv)

@@ -87,10 +87,10 @@ def test_evaluate_reports_ece_per_domain_and_group_from_the_heads_logits(fixed_f
     data = ImageSet(images=features, labels=labels, classnames=classnames, domains=domains)
     weight = 5 * torch.randn(4, 4, generator=generator)
 
-    def head(image_features, names):
-        if "z" in names and len(names) == 1:
-            raise KeyError("z")
-        return image_features @ weight[[classnames.index(c) for c in names]].T
+    def head(image_features, class_ids):
+        if class_ids == [3]:
+            raise KeyError(3)
+        return image_features @ weight[class_ids].T
 
     groups = {"first": ["w", "x", "y"], "second": ["z"]}
     results = evaluate(fixed_features(), None, data, groups=groups, head=head, temperature=2.0, method="m")
@@ -131,7 +131,7 @@ def test_stored_bins_pool_domains_exactly_and_scaled_ece_is_the_ece_at_that_temp
     data = ImageSet(images=features, labels=labels, classnames=["x", "y", "z"], domains=domains)
     weight = 4 * torch.randn(3, 3, generator=generator)
 
-    def head(image_features, names):
+    def head(image_features, class_ids):
         return image_features @ weight.T
 
     results = evaluate(fixed_features(), None, data, head=head, scaled_temperature=2.5, reliability=True)

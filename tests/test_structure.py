@@ -9,7 +9,7 @@ LIB = Path(__file__).resolve().parent.parent / "lib"
 
 # Each paper's methods module, and the registry names (methods, modifiers, aliases) it must define.
 PAPERS = {
-    "lib.methods.baselines": {"zeroshot", "lp", "ft"},
+    "lib.methods.baselines": {"zeroshot", "lp", "ft", "lp-ft"},
     "lib.methods.clipood": {"mms", "bma", "clipood"},
     "lib.methods.robust_ft": {"ce", "vision-only", "swa", "ce-swa"},
     "lib.methods.arf": {"flyp", "arf", "arf-cap", "arf-ret"},

@@ -1,86 +1,83 @@
-"""Data: ShapeWorld (embedded) and DomainBed-layout folders (real), behind one `load_benchmark`."""
-from dataclasses import dataclass
+"""Data: ShapeWorld (embedded) and the papers' benchmarks on disk, behind one `load_benchmark`.
 
-from . import folders, shapeworld
+Each family of real layouts is a module with `load(data_root, dataset, ...)` -> Benchmark and `check(data_root,
+dataset, train_domains)` (the cheap folder check lib.runner makes before training): folders (DomainBed), imagenet
+(ImageNet and its variants), coop (CoOp's split files)."""
+from dataclasses import replace
+
+import torch
+
+from . import coop, folders, imagenet, shapeworld
+from .benchmark import Benchmark, Classification, class_ids, templates_for
 from .imageset import ImageSet
 
-
-def templates_for(images):
-    """The prompt templates that belong to an ImageSet: ShapeWorld's styles for ShapeWorld images (they carry
-    their scenes), CLIP's ImageNet-style ensemble for images from folders. Methods and lib.evaluate use them
-    unless given others, so the runner and the notebooks prompt the same data the same way."""
-    from ..models import REAL_TEMPLATES, SHAPEWORLD_TEMPLATES  # models imports torch and open_clip: only when asked
-    return SHAPEWORLD_TEMPLATES if images.scenes is not None else REAL_TEMPLATES
+# Dataset name -> the module that reads it; any other name is read as a DomainBed-layout folder.
+LOADERS = {"ImageNet": imagenet, **dict.fromkeys(coop.LAYOUTS, coop)}
 
 
-@dataclass
-class Benchmark:
-    """A fine-tuning problem: train on base classes of some domains, test on every domain and class group."""
-    name: str
-    train: ImageSet
-    test: ImageSet
-    train_domains: list
-    domains: list
-    base_classes: list
-    new_classes: list
-    # ID validation: base classes of the training domains, images not trained or tested on (temperature scaling,
-    # choosing WiSE-FT's mixing coefficient). Empty when a folder dataset has no images left (n_train_per_class=None).
-    validation: ImageSet = None
-
-    @property
-    def templates(self):
-        """The prompt templates of the data (templates_for); a method's `templates` hyperparameter overrides them."""
-        return templates_for(self.train)
-
-    @property
-    def groups(self):
-        return {"base": self.base_classes, "new": self.new_classes}
-
-    def with_transform(self, transform):
-        return Benchmark(self.name, self.train.with_transform(transform), self.test.with_transform(transform),
-                         self.train_domains, self.domains, self.base_classes, self.new_classes,
-                         None if self.validation is None else self.validation.with_transform(transform))
+def loader(dataset):
+    """The module that reads `dataset` from disk (LOADERS; DomainBed's folders for any other name)."""
+    return LOADERS.get(dataset, folders)
 
 
 def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",), n_train_per_class=32,
-                   n_test_per_class=25, test_fraction=0.2, seed=0, class_folders="error", partial=False,
-                   progress=True):
-    """The base-to-new and domain-shift benchmark the notebooks use.
+                   n_test_per_class=25, seed=0, partial=False, progress=True, cross_dataset=(), **options):
+    """The benchmark of `dataset`: ShapeWorld, or a dataset on disk under data_root (LOADERS).
 
     ShapeWorld: n_train_per_class images per base class of the training domains; n_test_per_class images of
-    every class in every domain, and as many per base class of the training domains for validation. A DomainBed
-    dataset under data_root: a per-(domain, class) train/test split (test_fraction), CoOp's base/new split of the
-    sorted class names, and training on the base classes of train_domains (n_train_per_class caps the images per
-    class and domain, and n_test_per_class the test and validation images per class and domain; None keeps
-    all); validation takes the training images that the cap leaves out. The folders are checked as
-    lib.data.folders.load_domainbed says (class_folders, partial), and every image the benchmark uses is decoded
-    once, so that a broken file is reported with its path before training.
+    every class in every domain, and as many per base class of the training domains for validation. On disk:
+    n_train_per_class caps the training images per class (and domain) and n_test_per_class the test and
+    validation images (None keeps all); partial=True allows a copy whose image counts differ from the release;
+    options are the family's own (its module's `load`: e.g. protocol, class_folders, test_fraction, variants).
+    cross_dataset: CoOp datasets whose test images are added as test domains (with_cross_dataset). Every image the benchmark uses is decoded once, so a broken file is reported with its path
+    before training.
     """
     train_domains = list(train_domains)
     if dataset == "shapeworld":
+        if options:
+            raise ValueError(f"ShapeWorld takes no dataset options; got {sorted(options)}.")
         base, new = list(shapeworld.BASE_CLASSES), list(shapeworld.NEW_CLASSES)
+        ids = class_ids(shapeworld.CLASSES, base)
         train = shapeworld.make_split("train", train_domains, base, n_train_per_class, seed)
         test = shapeworld.make_split("test", shapeworld.DOMAINS, shapeworld.CLASSES, n_test_per_class, seed)
         validation = shapeworld.make_split("validation", train_domains, base, n_test_per_class, seed)
+        train.class_ids, validation.class_ids = ids, ids
         return Benchmark(dataset, train, test, train_domains, list(shapeworld.DOMAINS), base, new, validation)
     if data_root is None:
-        raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds "
-                         f"{dataset}/<domain>/<class>/<image> (DomainBed layout), or use dataset='shapeworld'.")
-    everything = folders.load_domainbed(data_root, dataset, class_folders=class_folders, partial=partial)
-    missing = sorted(set(train_domains) - set(everything.domains))
-    if missing:
-        raise ValueError(f"train_domains {missing} are not domains of {dataset}; its domains are "
-                         f"{sorted(set(everything.domains))}.")
-    train_part, test = folders.train_test_split(everything, test_fraction, seed)
-    base, new = folders.base_new_split(everything.classnames)
-    pool = train_part.where(domains=train_domains, classes=base).relabel(base)
-    train, validation = pool, pool.subset([])
-    if n_train_per_class is not None:
-        train = folders.k_shot(pool, n_train_per_class, seed)
-        validation = folders.k_shot_rest(pool, n_train_per_class, seed)
-    if n_test_per_class is not None:
-        test = folders.k_shot(test, n_test_per_class, seed)
-        validation = folders.k_shot(validation, n_test_per_class, seed)
-    for part in (train, test, validation):
-        folders.check_images(part, progress)
-    return Benchmark(dataset, train, test, train_domains, sorted(set(everything.domains)), base, new, validation)
+        raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds it "
+                         f"(the README's real-tier section draws each layout), or use dataset='shapeworld'.")
+    bench = loader(dataset).load(data_root, dataset, train_domains, n_train_per_class, n_test_per_class, seed,
+                                 partial=partial, **options)
+    if cross_dataset:
+        bench = with_cross_dataset(bench, data_root, cross_dataset, n_test_per_class, seed, partial)
+    for part in (bench.train, bench.test, bench.validation):
+        if part is not None:
+            folders.check_images(part, progress)
+    return bench
+
+
+def with_cross_dataset(bench, data_root, datasets, n_test_per_class=None, seed=0, partial=False):
+    """bench with the test split of each of `datasets` (CoOp's, lib.data.coop) added as a test domain of that name:
+    every class of it, its own prompt, in one more class group "cross-dataset" (ARF Table 2, SAFT Table 3: a model
+    fine-tuned on ImageNet evaluated zero-shot on the others). The benchmark's own domains keep their classes."""
+    unknown = [d for d in datasets if d not in coop.LAYOUTS]
+    if unknown:
+        raise ValueError(f"cross_dataset {unknown}: cross-dataset evaluation reads CoOp's datasets "
+                         f"{sorted(coop.LAYOUTS)}.")
+    test, plan = bench.test, bench.classification or Classification()
+    own = list(range(len(test.classnames)))
+    plan = replace(plan, classes={**{d: own for d in bench.domains}, **plan.classes}, templates=dict(plan.templates))
+    images, labels, names, domains, added = list(test.images), [test.labels], list(test.classnames), \
+        list(test.domains), []
+    for name in datasets:
+        other = coop.load(data_root, name, None, None, n_test_per_class, seed, partial, protocol="all").test
+        ids = list(range(len(names), len(names) + len(other.classnames)))
+        images += other.images
+        labels.append(other.labels + len(names))
+        names += other.classnames
+        domains += other.domains
+        plan.classes[name], plan.templates[name] = ids, (coop.PROMPTS[name],)
+        added += ids
+    test = replace(test, images=images, labels=torch.cat(labels), classnames=names, domains=domains)
+    return replace(bench, test=test, domains=bench.domains + list(datasets), classification=plan,
+                   class_groups={**bench.groups, "cross-dataset": added})

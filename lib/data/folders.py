@@ -1,4 +1,6 @@
-"""Real datasets on disk: the DomainBed layout, the CoOp base-to-new split, k-shot and data-fraction samples."""
+"""Real datasets on disk: the DomainBed layout and its protocols, the CoOp base-to-new split, k-shot and
+data-fraction samples."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +8,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .benchmark import Benchmark, Classification
 from .files import IMAGE_SUFFIXES, image_files, subfolders
 from .imageset import ImageSet
 
@@ -29,6 +32,67 @@ PUBLISHED = {
     "DomainNet": dict(classes=345, images={"clipart": 48129, "infograph": 51605, "painting": 72266,
                                            "quickdraw": 172500, "real": 172947, "sketch": 69128}),
 }
+
+
+# protocol -> (how many of the n classes are base, whether base and new test images are classified among both).
+PROTOCOLS = {
+    "base-to-new": (lambda n: math.ceil(n / 2), False),  # CoOp: first ceil(n/2) labels; each group on its own
+    "in-the-wild": (lambda n: n // 2, True),  # CLIPood: first floor(n/2) class keys; base and new among both
+    "leave-one-domain-out": (lambda n: n, False),  # CLIPood Table 1, DomainBed: all classes, one held-out domain
+}
+
+
+def load(root, dataset, train_domains, n_train_per_class=None, n_test_per_class=None, seed=0, partial=False,
+         protocol="base-to-new", test_fraction=0.2, class_folders="error"):
+    """A DomainBed dataset as a Benchmark: a per-(domain, class) train/test split (test_fraction), then train on
+    the base classes of train_domains (n_train_per_class caps the images per class and domain, n_test_per_class
+    the test and validation images; None keeps all; validation takes the training images the cap leaves out).
+
+    protocol (PROTOCOLS): "base-to-new" (base = the first half, rounded up, of the sorted class folders; each
+    group classified among its own classes), "in-the-wild" (base = the first half rounded down; base and new test
+    images classified among all classes, CLIPood's in-the-wild setting), "leave-one-domain-out" (every class is
+    base; train_domains must be all domains but one, the target: average targets with
+    lib.evaluate.leave_one_domain_out). The folders are checked as load_domainbed says (class_folders, partial).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r} for a DomainBed dataset; choose one of {list(PROTOCOLS)}.")
+    everything = load_domainbed(root, dataset, class_folders=class_folders, partial=partial)
+    domains = sorted(set(everything.domains))
+    missing = sorted(set(train_domains) - set(domains))
+    if missing:
+        raise ValueError(f"train_domains {missing} are not domains of {dataset}; its domains are {domains}.")
+    if protocol == "leave-one-domain-out" and len(set(domains) - set(train_domains)) != 1:
+        raise ValueError(f"protocol='leave-one-domain-out' trains on every domain but one: train_domains must be "
+                         f"{len(domains) - 1} of {domains}; got {list(train_domains)}.")
+    train_part, test = train_test_split(everything, test_fraction, seed)
+    count, joint = PROTOCOLS[protocol]
+    n = len(everything.classnames)
+    base, new = list(range(count(n))), list(range(count(n), n))
+    pool = train_part.where(domains=train_domains, classes=base).relabel(base)
+    train, validation = pool, pool.subset([])
+    if n_train_per_class is not None:
+        train = k_shot(pool, n_train_per_class, seed)
+        validation = k_shot_rest(pool, n_train_per_class, seed)
+    if n_test_per_class is not None:
+        test = k_shot(test, n_test_per_class, seed)
+        validation = k_shot(validation, n_test_per_class, seed)
+    names = everything.classnames
+    groups = {"base": base, "new": new}
+    classification = Classification(among=dict.fromkeys(groups, base + new)) if joint else None
+    return Benchmark(dataset, train, test, list(train_domains), domains, [names[c] for c in base],
+                     [names[c] for c in new], validation, groups, classification)
+
+
+def check(root, dataset, train_domains):
+    """The cheap check before training: the dataset folder and a folder per train domain."""
+    folder = Path(root) / dataset
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No dataset folder {folder}: put {dataset} there in the DomainBed layout, or fix "
+                                f"data_root / the dataset name.\n{LAYOUT.format(root=root, dataset=dataset)}")
+    missing = [d for d in train_domains if not (folder / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} has no folder for the train domain(s) {missing}; its domains are "
+                                f"{[p.name for p in subfolders(folder)]}: fix train_domains.")
 
 
 def load_domainbed(root, dataset, domains=None, classes=None, class_folders="error", partial=False):

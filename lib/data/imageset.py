@@ -1,5 +1,5 @@
 """ImageSet: the one dataset type of the project, for ShapeWorld tensors and for image files on disk."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -12,6 +12,10 @@ class ImageSet(torch.utils.data.Dataset):
 
     images is either a float tensor [N, 3, H, W] in [0, 1] (ShapeWorld) or a list of file paths (real data).
     transform maps one image (a tensor or a PIL image) to the model's input; set it with `with_transform`.
+    Classes are identified by index, never by name (CLIP's ImageNet names repeat): labels index classnames, and
+    class_ids[label] is the class's id in the benchmark's full class list (what a linear head trained on these
+    images calls it; None: the label itself). border: {domain: pixels} cropped from every side of that domain's
+    images when read (ObjectNet's 2-pixel frame, as wise-ft reads it).
     """
     images: object
     labels: torch.Tensor
@@ -20,6 +24,8 @@ class ImageSet(torch.utils.data.Dataset):
     captions: list = None
     scenes: dict = None
     transform: object = field(default=None, repr=False)
+    class_ids: list = None
+    border: dict = None
 
     def __len__(self):
         return len(self.labels)
@@ -28,37 +34,49 @@ class ImageSet(torch.utils.data.Dataset):
         if isinstance(self.images, torch.Tensor):
             return self.images[i]
         try:
-            return Image.open(self.images[i]).convert("RGB")
+            image = Image.open(self.images[i]).convert("RGB")
         except OSError as error:  # PIL's messages (e.g. "Truncated File Read") do not say which file
             raise OSError(f"Cannot read image {self.images[i]}: {error}") from error
+        pixels = (self.border or {}).get(self.domains[i], 0)
+        return image.crop((pixels, pixels, image.width - pixels, image.height - pixels)) if pixels else image
 
     def __getitem__(self, i):
         image = self.load(i)
         return (self.transform(image) if self.transform else image), self.labels[i]
 
     def with_transform(self, transform):
-        return ImageSet(self.images, self.labels, self.classnames, self.domains, self.captions, self.scenes, transform)
+        return replace(self, transform=transform)
+
+    @property
+    def ids(self):
+        """The id of every class of classnames in the benchmark's full class list."""
+        return list(range(len(self.classnames))) if self.class_ids is None else list(self.class_ids)
 
     def subset(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
         images = self.images[torch.from_numpy(indices)] if isinstance(self.images, torch.Tensor) \
             else [self.images[i] for i in indices]
         scenes = {k: v[indices] for k, v in self.scenes.items()} if self.scenes is not None else None
-        return ImageSet(images, self.labels[torch.from_numpy(indices)], self.classnames,
-                        [self.domains[i] for i in indices],
-                        [self.captions[i] for i in indices] if self.captions is not None else None,
-                        scenes, self.transform)
+        return replace(self, images=images, labels=self.labels[torch.from_numpy(indices)],
+                       domains=[self.domains[i] for i in indices],
+                       captions=[self.captions[i] for i in indices] if self.captions is not None else None,
+                       scenes=scenes)
 
     def where(self, domains=None, classes=None):
-        """The items of the given domains and classes (labels keep indexing self.classnames)."""
-        keep = [i for i in range(len(self))
-                if (domains is None or self.domains[i] in domains)
-                and (classes is None or self.classnames[self.labels[i]] in classes)]
+        """The items of the given domains and classes (labels, i.e. indices into classnames; they keep indexing
+        self.classnames)."""
+        classes = None if classes is None else set(int(c) for c in classes)
+        keep = [i for i, (domain, label) in enumerate(zip(self.domains, self.labels.tolist()))
+                if (domains is None or domain in domains) and (classes is None or label in classes)]
         return self.subset(keep)
 
     def relabel(self, classes):
-        """The items of `classes` only, with labels re-indexed into `classes` (e.g. new classes among themselves)."""
+        """The items of `classes` (labels) only, re-indexed into that list (e.g. new classes among themselves);
+        class_ids keeps each class's id, so heads and evaluation still tell which class it is."""
+        classes = [int(c) for c in classes]
         part = self.where(classes=classes)
-        part.labels = torch.tensor([list(classes).index(self.classnames[y]) for y in part.labels], dtype=torch.long)
-        part.classnames = list(classes)
+        position = {c: i for i, c in enumerate(classes)}
+        part.labels = torch.tensor([position[int(y)] for y in part.labels], dtype=torch.long)
+        part.classnames = [self.classnames[c] for c in classes]
+        part.class_ids = [self.ids[c] for c in classes]
         return part

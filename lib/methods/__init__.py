@@ -9,13 +9,14 @@ lib.methods.baselines, then one module per paper, each registering its own metho
 | SAFT | 04_saft | lib.methods.saft: saft |
 | Model Stock | (runner) | lib.methods.model_stock: stock, model-stock |
 
-zeroshot, lp and ft live in lib.methods.baselines. Importing this package imports every module, so that
+zeroshot, lp, ft and lp-ft live in lib.methods.baselines. Importing this package imports every module, so that
 get_method knows every name.
 """
 from . import arf, baselines, clipood, model_stock, robust_ft, saft  # noqa: F401 (each registers its methods)
 from .arf import AnchorRobustFineTune, CaptionAnchors, ContrastiveFineTune, RetrievedAnchors
 from .base import ALIASES, METHODS, MODIFIERS, Method, Modifier, alias, get_method, register
-from .baselines import FineTune, FrozenTextMethod, LinearHead, LinearProbe, ZeroShot
+from .baselines import (FineTune, FrozenTextMethod, LinearHead, LinearHeadTuning, LinearProbe,
+                        LinearProbeThenFineTune, ZeroShot)
 from .clipood import BetaAverage, MarginMetricSoftmax
 from .model_stock import ModelStock
 from .robust_ft import EndToEndCrossEntropy, StochasticWeightAveraging, VisionOnly

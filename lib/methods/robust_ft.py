@@ -16,7 +16,7 @@ from ..losses import cross_entropy_loss
 from ..models import encode_text
 from ..train import Trained
 from .base import Method, Modifier, alias, register
-from .baselines import LinearHead
+from .baselines import LinearHeadTuning
 
 
 @register
@@ -46,49 +46,23 @@ class EndToEndCrossEntropy(Method):
 
 
 @register
-class VisionOnly(Method):
+class VisionOnly(LinearHeadTuning):
     """Paper 2's vision-only baseline: the same image encoder with a randomly initialized linear head over its
-    (L2-normalized) features, both trained with cross-entropy; no text at all, so new classes give NaN.
-
-    The head is an nn.Linear attached to the fine-tuned copy as the submodule `vision_only_head`, so the loop's
-    optimizer, weight averaging (e.g. "vision-only+swa") and the returned model all carry it. The head trains at
-    `head_lr` on features multiplied by `feature_scale` (features have unit norm, so a randomly initialized head
-    needs larger logits and a larger step than the encoder; the returned LinearHead folds the scale in)."""
+    (L2-normalized) features, both trained with cross-entropy; no text at all, so new classes give NaN. The head
+    trains at `head_lr` on features multiplied by `feature_scale` (features have unit norm, so a randomly
+    initialized head needs larger logits and a larger step than the encoder); see LinearHeadTuning."""
     name = "vision-only"
     seeded_start = True
-    HPARAMS = dict(head_lr=1e-2, feature_scale=10.0)
-    RANGES = dict(head_lr=Number(0, low_open=True), feature_scale=Number(0, low_open=True))
+    head_name = "vision_only_head"
 
-    def setup(self, model, tokenizer, train_set, num_steps, seed):
-        device = next(model.parameters()).device
+    def initial_head(self, model, tokenizer, train_set, seed):
         generator = torch.Generator().manual_seed(seed)
         head = torch.nn.Linear(model.visual.output_dim, len(train_set.classnames))
         with torch.no_grad():  # nn.Linear's default init, drawn from the run's own seed
             bound = 1 / head.in_features ** 0.5
             head.weight.uniform_(-bound, bound, generator=generator)
             head.bias.uniform_(-bound, bound, generator=generator)
-        model.vision_only_head = head.to(device)
-        self.classnames = list(train_set.classnames)
-
-    def trainable_parameters(self, model):
-        return [(n, p) for n, p in model.named_parameters() if n.startswith(("visual.", "vision_only_head."))]
-
-    def make_optimizer(self, named_parameters):
-        head = [p for n, p in named_parameters if n.startswith("vision_only_head.")]
-        encoder = [p for n, p in named_parameters if not n.startswith("vision_only_head.")]
-        groups = [{"params": encoder}] + ([{"params": head, "lr": self.hparams["head_lr"]}] if head else [])
-        return torch.optim.AdamW(groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
-
-    def loss(self, model, images, labels, indices):
-        image_features = model.encode_image(images, normalize=True)
-        logits = model.vision_only_head(self.hparams["feature_scale"] * image_features)
-        return torch.nn.functional.cross_entropy(logits.float(), labels)
-
-    def finalize(self, model, history):
-        head = model.vision_only_head
-        weight = self.hparams["feature_scale"] * head.weight.detach().cpu()
-        return Trained(model, LinearHead(weight, head.bias.detach().cpu(), self.classnames),
-                       history, self)
+        return head.weight.detach(), head.bias.detach()
 
 
 @register
