@@ -251,6 +251,19 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
     return results.groupby(keys, sort=False)[columns].apply(per_run).reset_index()
 
 
+def leave_one_domain_out(results, group="base"):
+    """DomainBed's leave-one-domain-out table (CLIPood Table 1): one row per (method, seed), a column per target
+    domain (the accuracy on the domain that run held out, its train_domains being all the others) and "average",
+    the mean over targets. results: runner tables of every target's run, with their train_domains column
+    ("a+b+c", as lib.runner stores it)."""
+    keys = [k for k in ("method", "seed") if k in results.columns]
+    rows = results[results.group == group]
+    held_out = rows[[d not in trained.split("+") for d, trained in zip(rows.domain, rows.train_domains)]]
+    table = held_out.pivot_table(index=keys, columns="domain", values="accuracy", aggfunc="mean")
+    table.columns.name = None
+    return table.assign(average=table.mean(axis=1)).reset_index()
+
+
 def confidence_interval(values, level=0.95):
     """(mean, half-width) of a Student-t interval over seeds; half-width NaN for a single seed."""
     values = np.asarray(values, dtype=float)

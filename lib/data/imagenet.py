@@ -111,14 +111,14 @@ def load(root, dataset="ImageNet", train_domains=("imagenet",), n_train_per_clas
         groups, prompts, classification = {"base": base, "new": new}, ("a photo of a {}.",), None
     else:
         base, new = list(range(len(test_names))), []
-        groups, prompts = {"base": base}, tuple(OPENAI_IMAGENET_TEMPLATES)
+        groups, prompts = {"base": base}, tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)  # open_clip: callables
         classification = Classification(classes={d: imagenet_ids for d in present})
         for d, wnids in SUBSETS.items():
             classification.classes[d] = [WNIDS.index(w) for w in wnids]
         if columns:
             classification.classes["objectnet"] = list(columns)
             classification.columns = columns
-    pool = train.where(classes=base).relabel(base)
+    pool = train.where(classes=base).relabel(base) if protocol == "base-to-new" else train
     validation = pool.subset([])
     if n_train_per_class is not None:
         validation = folders.k_shot_rest(pool, n_train_per_class, seed)
