@@ -62,11 +62,11 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
 
 
 def _group_logits(model, tokenizer, dataset, features, members, head, templates, classification, group=None):
-    """{domain: (logits or None, labels, item indices)} for the images of each domain whose class is in `members`, classified
-    among `members` (or classification.among[group]) narrowed to the domain's classes; labels index those
-    candidates. None when the head does not know the classes. The logits of the domains that share prompts are
-    computed in one pass over the classes they need (their "columns": a class, or the classes it takes the max
-    over), then each domain takes its candidates' columns."""
+    """{domain: (logits or None, labels, item indices)} for the images of each domain whose class is in
+    `members`, classified among `members` (or classification.among[group]) narrowed to the domain's classes;
+    labels index those candidates. None when the head does not know the classes. The logits of the domains that
+    share prompts are computed in one pass over the classes they need (their "columns": a class, or the classes
+    it takes the max over), then each domain takes its candidates' columns."""
     plan = classification or Classification()
     default_templates = tuple(templates or templates_for(dataset))
     candidates_of = plan.among.get(group, members)

@@ -47,7 +47,8 @@ def test_every_label_of_every_imagenet_test_domain_is_the_files_class(bench):
     assert set(fabricate.true_class(p) for p in bench.test.images) - set(range(1002)) == set()  # unmapped: left out
     objectnet = bench.test.domains.index("objectnet")
     framed = bench.test.load(objectnet)
-    assert framed.size == (8, 8) and [255, 255, 255] not in np.asarray(framed).reshape(-1, 3).tolist()  # the 2-pixel frame is cut
+    # ObjectNet's 2-pixel frame is cut
+    assert framed.size == (8, 8) and [255, 255, 255] not in np.asarray(framed).reshape(-1, 3).tolist()
     assert np.bincount([y for y in bench.train.labels.tolist()]).max() == 2  # n_train_per_class shots
 
 

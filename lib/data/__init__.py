@@ -29,8 +29,8 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     n_train_per_class caps the training images per class (and domain) and n_test_per_class the test and
     validation images (None keeps all); partial=True allows a copy whose image counts differ from the release;
     options are the family's own (its module's `load`: e.g. protocol, class_folders, test_fraction, variants).
-    cross_dataset: CoOp datasets whose test images are added as test domains (with_cross_dataset). Every image the benchmark uses is decoded once, so a broken file is reported with its path
-    before training.
+    cross_dataset: CoOp datasets whose test images are added as test domains (with_cross_dataset). Every image
+    the benchmark uses is decoded once, so a broken file is reported with its path before training.
     """
     train_domains = list(train_domains)
     if dataset == "shapeworld":
