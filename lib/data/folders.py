@@ -77,7 +77,7 @@ def load(root, dataset, train_domains, n_train_per_class=None, n_test_per_class=
         test = k_shot(test, n_test_per_class, seed)
         validation = k_shot(validation, n_test_per_class, seed)
     names = everything.classnames
-    groups = {"base": base, "new": new}
+    groups = {"base": base, "new": new} if new else {"base": base}
     classification = Classification(among=dict.fromkeys(groups, base + new)) if joint else None
     return Benchmark(dataset, train, test, list(train_domains), domains, [names[c] for c in base],
                      [names[c] for c in new], validation, groups, classification)

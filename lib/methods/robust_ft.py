@@ -14,7 +14,6 @@ from ..averaging import StochasticWeightAverage
 from ..checks import Number
 from ..losses import cross_entropy_loss
 from ..models import encode_text
-from ..train import Trained
 from .base import Method, Modifier, alias, register
 from .baselines import LinearHeadTuning
 
