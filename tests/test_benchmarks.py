@@ -25,7 +25,9 @@ NAMES = imagenet.classnames()
 
 @pytest.fixture(scope="module")
 def imagenet_root(tmp_path_factory):
-    return fabricate.imagenet(tmp_path_factory.mktemp("data"))
+    """The ImageNet family, and EuroSAT beside it for cross-dataset evaluation."""
+    root = fabricate.imagenet(tmp_path_factory.mktemp("data"))
+    return fabricate.coop_dataset(root, "EuroSAT", ["Forest", "River", "Sea or Lake"], per_split=(1, 1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +213,7 @@ def test_in_the_wild_classifies_base_and_new_among_both_and_separate_among_their
             assert row.accuracy == pytest.approx((predicted == test.labels[idx]).double().mean().item())
 
 
-def test_cross_dataset_adds_each_datasets_test_images_with_its_own_classes_and_prompt(imagenet_root, tmp_path):
-    fabricate.coop_dataset(imagenet_root, "EuroSAT", ["Forest", "River", "Sea or Lake"], per_split=(1, 1, 2))
+def test_cross_dataset_adds_each_datasets_test_images_with_its_own_classes_and_prompt(imagenet_root):
     bench = load_benchmark("ImageNet", imagenet_root, ["imagenet"], 1, None, partial=True, progress=False,
                            cross_dataset=["EuroSAT"])
     assert bench.domains[-1] == "EuroSAT" and bench.groups["cross-dataset"] == [1002, 1003, 1004]
@@ -237,10 +238,12 @@ def _run(tmp_path, capsys, *args):
     return pd.concat([pd.read_csv(p) for p in (tmp_path / "results").glob("*.csv")]), capsys.readouterr().out
 
 
-def test_the_runner_runs_imagenet_end_to_end_one_row_per_test_domain(imagenet_root, tmp_path, capsys):
+def test_the_runner_runs_imagenet_and_cross_dataset_end_to_end_one_row_per_test_domain(imagenet_root, tmp_path, capsys):
     table, printed = _run(tmp_path, capsys, "--datasets", "ImageNet", "--data-root", str(imagenet_root),
-                          "--train-domains", "imagenet", "--hparam", 'templates=[["a photo of a {}."]]')
-    assert sorted(zip(table.domain, table.group)) == sorted((d, "base") for d in imagenet.LAYOUTS)
+                          "--train-domains", "imagenet", "--hparam", 'templates=[["a photo of a {}."]]',
+                          "--dataset-option", 'cross_dataset=["EuroSAT"]')
+    assert sorted(zip(table.domain, table.group)) == sorted([(d, "base") for d in imagenet.LAYOUTS]
+                                                            + [("EuroSAT", "cross-dataset")])
     assert table.accuracy.notna().all() and "domain_shift" in printed
 
 
