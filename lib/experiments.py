@@ -156,7 +156,7 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     from .data.folders import fraction_sample
     from .evaluate import evaluate as _evaluate
     hparams = hparams or {}
-    classes = {"all": list(bench.train.classnames)}
+    classes = {"all": bench.train.ids}  # class ids of the test set (the same classes, all of them)
     resolved = {m: ALIASES.get(m, m) for m in methods}
     shared = {m: next(s for s in methods if resolved[s] == f"{resolved[m]}+swa")
               for m in methods if any(resolved[s] == f"{resolved[m]}+swa" for s in methods)}
@@ -202,7 +202,8 @@ def wise_ft_curves(model, tokenizer, bench, finetuned, alphas, templates=None):
         work = copy.deepcopy(tuned).eval()
 
         def metrics(interpolated):
-            results = evaluate(interpolated, tokenizer, bench.test, groups=bench.groups, templates=templates)
+            results = evaluate(interpolated, tokenizer, bench.test, groups=bench.groups, templates=templates,
+                               classification=bench.classification)
             return summarize(results.assign(method=label), bench.train_domains).drop(columns="method")
         tables.append(wise_ft_sweep(work, theta_0, tuned.state_dict(), alphas, metrics).assign(method=label))
     table = pd.concat(tables, ignore_index=True)
@@ -225,9 +226,11 @@ def wise_ft_selected(model, tokenizer, bench, tuned, alphas, templates=None):
     theta_0 = model.state_dict()
 
     def metrics(interpolated):
-        kept = evaluate(interpolated, tokenizer, bench.validation, groups={"base": bench.base_classes},
+        kept = evaluate(interpolated, tokenizer, bench.validation,
+                        groups={"base": list(range(len(bench.validation.classnames)))},
                         templates=templates)
-        test = evaluate(interpolated, tokenizer, bench.test, groups=bench.groups, templates=templates)
+        test = evaluate(interpolated, tokenizer, bench.test, groups=bench.groups, templates=templates,
+                        classification=bench.classification)
         scores = summarize(test.assign(method="wise-ft"), bench.train_domains).drop(columns="method")
         scores.insert(0, "validation", (kept.accuracy * kept.n).sum() / kept.n.sum())
         return scores
