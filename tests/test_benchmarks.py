@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 import lib.evaluate
 from lib import runner
-from lib.data import imagenet, load_benchmark
-from lib.evaluate import evaluate, leave_one_domain_out
+from lib.data import ImageSet, imagenet, load_benchmark
+from lib.evaluate import class_logits, evaluate, leave_one_domain_out
 from lib.methods import LinearHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -264,3 +265,13 @@ def test_the_runner_runs_leave_one_domain_out_on_domainbed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(tmp_path, capsys, "--datasets", "ImageNet", "--data-root", str(root), "--train-domains", "imagenet")
     assert "imagenet/images/train" in capsys.readouterr().err
+
+
+def test_class_logits_keep_the_datasets_order_across_interleaved_domains():
+    labels = torch.tensor([3, 0, 2, 3, 1, 0])
+    images = torch.stack([TF.to_tensor(Image.new("RGB", (8, 8), fabricate.encode(int(c)))) for c in labels])
+    data = ImageSet(images, labels, ["a", "b", "a", "c"], ["x", "y", "x", "y", "x", "y"])
+    oracle = LinearHead(torch.eye(1200)[:4], torch.zeros(4), range(4))
+    logits, local = class_logits(fabricate.PixelOracle(), None, data, [3, 0, 2], head=oracle)
+    assert local.tolist() == [0, 1, 2, 0, 1]  # positions in [3, 0, 2] of the labels 3, 0, 2, 3, 0, in order
+    assert logits.argmax(-1).tolist() == local.tolist()
