@@ -129,12 +129,17 @@ def provenance(run):
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint():
-    """sha256 (16 hex digits) of the syntax trees of lib's modules, docstrings left out: any change of behaviour
-    changes every key, while comments, docstrings and line breaks do not (they are not in the tree). A refactor
-    that keeps the behaviour still changes it: the key errs on the side of training again. Computed once a process.
-    (The dump can differ between Python versions; such a change, too, trains again.)"""
+    """source_fingerprint of lib/, computed once a process."""
+    return source_fingerprint(Path(__file__).resolve().parent)
+
+
+def source_fingerprint(package):
+    """sha256 (16 hex digits) of the syntax trees of a package's modules (but UNKEYED_MODULES), docstrings left
+    out: any change of behaviour changes it, while comments, docstrings and line breaks do not (they are not in the
+    tree). A refactor that keeps the behaviour still changes it: the key errs on the side of training again. (The
+    dump can differ between Python versions; such a change, too, trains again.)"""
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
+    package = Path(package)
     for path in sorted(package.rglob("*.py")):
         if path.name in UNKEYED_MODULES and path.parent == package:
             continue
@@ -182,16 +187,18 @@ def dataset_fingerprint(run):
     return fingerprint(bench.train, bench.test, bench.validation)
 
 
-_BENCHMARKS = {}  # setting -> the folder benchmark loaded (and checked) in this process
+# (absolute data root, setting) -> the folder benchmark last loaded (and checked) in this process: prepare loads
+# it afresh on every call, so a process that lives on (a notebook kernel) still sees files that changed.
+_BENCHMARKS = {}
 
 
-def _folder_benchmark(run, progress=True):
+def _folder_benchmark(run, progress=True, fresh=False):
     from . import experiments
-    setting = _setting(run)
-    if setting not in _BENCHMARKS:
-        _BENCHMARKS[setting] = experiments.benchmark(run["dataset"], run["data_root"], run["train_domains"],
-                                                     run_size(run), run.get("dataset_options"), progress)
-    return _BENCHMARKS[setting]
+    where = (os.path.abspath(run["data_root"]), _setting(run))
+    if fresh or where not in _BENCHMARKS:
+        _BENCHMARKS[where] = experiments.benchmark(run["dataset"], run["data_root"], run["train_domains"],
+                                                   run_size(run), run.get("dataset_options"), progress)
+    return _BENCHMARKS[where]
 
 
 @functools.lru_cache(maxsize=4)
@@ -249,8 +256,9 @@ def validate(runs):
     from .models import check_model
     size_rule = Number(1, integer=True, why="a run's size; a list of them is a sweep")
     models_checked = set()
-    for run in runs:
+    for run in runs:  # the arguments first, then what they name
         check_number("runner", "seed", run["seed"], SEED)
+    for run in runs:
         for name in SIZES:
             if name in run:
                 check_number("runner", name, run[name], size_rule)
@@ -299,7 +307,10 @@ def prepare(grid, results_dir="results", progress=True, device="auto"):
     pick_device(device)
     runs = expand(grid)
     validate(runs)
-    benchmarks = {_setting(run): _folder_benchmark(run, progress) for run in runs if run["dataset"] != "shapeworld"}
+    benchmarks = {}
+    for run in runs:
+        if run["dataset"] != "shapeworld" and _setting(run) not in benchmarks:
+            benchmarks[_setting(run)] = _folder_benchmark(run, progress, fresh=True)
     results_dir = Path(results_dir)
     todo = []
     for run in runs:
