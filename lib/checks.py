@@ -1,8 +1,10 @@
 """The checks of settings shared by the methods' hyperparameters, the runner's grids and the notebooks' parameters:
-numbers (sizes, rates), seeds and prompt templates.
+numbers (sizes, rates), seeds and prompt templates; and how a value given on a command line is read (parse_value).
 
 Kept free of torch so that `python -m lib.runner` can check its arguments before the heavy imports.
 """
+import ast
+import json
 import math
 import numbers
 import string
@@ -85,3 +87,17 @@ def check_templates(owner, templates):
         if fields != [""]:
             raise ValueError(f"{owner}: each template needs exactly one {{}} where the class name goes, {example};"
                              f" got {template!r}.")
+
+
+def parse_value(text):
+    """A value given on the command line (a notebook's -p, the runner's --hparam): JSON when it is JSON, else a
+    Python literal when it is one (None, True, tuples, single quotes), else the string itself (quote it, '"0"', to
+    keep a number a string)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text

@@ -11,25 +11,12 @@ checkpoint, dataset folder and train domains.
 import argparse
 import ast
 import contextlib
-import json
 import sys
 from pathlib import Path
 
+from .checks import parse_value
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def parse_value(text):
-    """A value given on the command line (a notebook's -p, the runner's --hparam): JSON when it is JSON, else a
-    Python literal when it is one (None, True, tuples, single quotes), else the string itself (quote it, '"0"', to
-    keep a number a string)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def known_parameters(notebook):

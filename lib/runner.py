@@ -21,10 +21,10 @@ Under `torchrun --nproc_per_node=N -m lib.runner ...` every rank trains every ru
 (lib.train.finetune) and evaluates it (the same test set on every rank: simple, not faster); rank 0 alone writes.
 """
 import argparse
+import ast
 import contextlib
 import fcntl
 import functools
-import ast
 import hashlib
 import io
 import itertools
@@ -41,8 +41,7 @@ from pathlib import Path
 
 # torch, pandas and the rest of the lab are imported where they are needed, so that --help and usage errors are
 # instant (importing them takes seconds).
-from .checks import SEED, Number, check_number
-from .notebooks import parse_value
+from .checks import SEED, Number, check_number, parse_value
 
 # A run's size: the budget's values unless the grid sets them (None = the budget's).
 SIZES = ("n_train_per_class", "n_test_per_class", "num_steps", "batch_size")

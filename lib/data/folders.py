@@ -37,9 +37,9 @@ def load_domainbed(root, dataset, domains=None, classes=None, class_folders="err
     Class names are the sorted folder names with underscores read as spaces; labels index that sorted list.
     domains and classes restrict what is loaded (class names as in the folders or with spaces).
     Hidden and system entries (lib.data.files.is_system: ".*", "@*", "__MACOSX") are skipped at every level, with
-    one warning that names them. Checked here: an empty class folder is an error; so are class folders that differ between the domains,
-    unless class_folders="intersection" (keep the classes every domain has); and a dataset of PUBLISHED whose
-    domains, classes or images per domain differ from the release is an error unless partial=True.
+    one warning that names them. Checked here: an empty class folder is an error; so are class folders that differ
+    between the domains, unless class_folders="intersection" (keep the classes every domain has); and a dataset of
+    PUBLISHED whose domains, classes or images per domain differ from the release is an error unless partial=True.
     """
     if class_folders not in ("error", "intersection"):
         raise ValueError(f"class_folders must be 'error' or 'intersection'; got {class_folders!r}")
