@@ -16,7 +16,7 @@ from PIL import Image
 
 from lib import experiments, models, notebooks, runner
 from lib.data import folders, load_benchmark
-from lib.data.imageset import to_rgb
+from lib.data.imageset import ImageSet
 
 GRID = {"methods": ["zeroshot"], "seeds": [0], "budget": "smoke", "train_domains": ["photo"], "n_test_per_class": 1}
 ROWS = 4 * 2  # ShapeWorld's domains x the base and new groups
@@ -187,9 +187,10 @@ def test_hidden_and_system_entries_are_skipped_at_every_level_and_named(tmp_path
     ("I", np.array([[0, 65535, 12850, 300]], dtype=np.int32), [0, 255, 50, 1]),
     ("F", np.array([[0.0, 1.0, 0.5, 0.2]], dtype=np.float32), [0, 255, 128, 51]),
 ])
-def test_16_bit_and_float_images_are_rescaled_to_8_bit(mode, values, expected):
-    image = Image.frombytes(mode, (4, 1), values.tobytes())
-    rgb = np.asarray(to_rgb(image))
+def test_16_bit_and_float_images_are_rescaled_to_8_bit(tmp_path, mode, values, expected):
+    path = tmp_path / "image.tif"
+    Image.frombytes(mode, (4, 1), values.tobytes()).save(path)  # TIFF keeps every one of these modes
+    rgb = np.asarray(ImageSet([str(path)], torch.tensor([0]), ["x"], ["d"]).load(0))
     assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == expected and (rgb[..., 1] == rgb[..., 0]).all()
 
 
