@@ -175,7 +175,8 @@ def test_hidden_and_system_entries_are_skipped_at_every_level_and_named(tmp_path
     assert len(said) == 1
     for name in (".thumbs", "@eaDir", ".ipynb_checkpoints", "__MACOSX", "._0.png"):
         assert name in said[0]
-    bench = load_benchmark("Toy", root, ["photo"], 2, 1, progress=False)
+    with pytest.warns(UserWarning, match="skipped 8 hidden or system entries"):
+        bench = load_benchmark("Toy", root, ["photo"], 2, 1, progress=False)
     assert bench.base_classes == ["cat", "dog"] and bench.new_classes == ["horse", "zebra"]
     with pytest.raises(FileNotFoundError, match=r"no folder for the train domain\(s\) \['.ipynb_checkpoints'\]"):
         runner.validate(runner.expand({**FOLDER, "data_root": str(root), "train_domains": [".ipynb_checkpoints"]}))

@@ -50,22 +50,18 @@ def warn_skipped(root, skipped):
 
 
 def fingerprint(*imagesets):
-    """A fingerprint of image files on disk (ImageSets of paths; None and tensor sets add nothing): the absolute
-    folder that holds them all, their number, and the sha256 of every file's path under it, size, modification
-    time, label and domain, and of the class names. Renaming, replacing, adding, removing or touching a file,
-    another root (a relative data root read from another folder) or other classes all change it; reading no
-    pixels, it costs one stat a file."""
-    digest, paths = hashlib.sha256(), []
-    for images in imagesets:
-        if images is None or not isinstance(images.images, list):
-            continue
-        paths.extend(os.path.abspath(p) for p in images.images)
+    """A fingerprint of image files on disk (ImageSets whose images are paths; None and ImageSets of generated
+    tensors add nothing): the absolute folder that holds them all, their number, and the sha256 of every file's path
+    under it, size, modification time, label and domain, and of the class names. Renaming, replacing, adding,
+    removing or touching a file, another root (a relative data root read from another folder) or other classes all
+    change it; reading no pixels, it costs one stat a file."""
+    parts = [part for part in imagesets if part is not None and not hasattr(part.images, "dtype")]  # not tensors
+    paths = [os.path.abspath(p) for part in parts for p in part.images]
     root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else None
-    for images in imagesets:
-        if images is None or not isinstance(images.images, list):
-            continue
-        digest.update(repr(list(images.classnames)).encode())
-        for path, label, domain in zip(images.images, images.labels.tolist(), images.domains):
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(list(part.classnames)).encode())
+        for path, label, domain in zip(part.images, part.labels.tolist(), part.domains):
             stat = os.stat(path)
             digest.update(f"{os.path.relpath(os.path.abspath(path), root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
                           f"{label}\0{domain}\n".encode())
