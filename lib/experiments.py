@@ -52,10 +52,22 @@ def setup(model_name="mini", pretrained=None, dataset="shapeworld", data_root=No
 
 def benchmark(dataset, data_root, train_domains, settings, dataset_options=None, progress=True):
     """lib.data.load_benchmark at a budget's sizes; dataset_options (e.g. protocol, partial, class_folders,
-    cross_dataset) for datasets on disk."""
+    cross_dataset) for datasets on disk; its class groups checked (check_groups)."""
     from .data import load_benchmark
-    return load_benchmark(dataset, data_root, train_domains, settings["n_train_per_class"],
-                          settings["n_test_per_class"], progress=progress, **(dataset_options or {}))
+    bench = load_benchmark(dataset, data_root, train_domains, settings["n_train_per_class"],
+                           settings["n_test_per_class"], progress=progress, **(dataset_options or {}))
+    check_groups(bench)
+    return bench
+
+
+def check_groups(bench):
+    """Raise, before training, if a class group the benchmark evaluates has fewer than two classes: each group is
+    classified among its own classes, so one class scores 100 % by construction and none cannot be evaluated."""
+    small = {group: [bench.test.classnames[i] for i in ids] for group, ids in bench.groups.items() if len(ids) < 2}
+    if small:
+        raise ValueError(f"{bench.name}: the class group(s) {small} have fewer than two classes, so they cannot be "
+                         f"evaluated (each group is classified among its own classes); the base/new split of "
+                         f"{len(bench.base_classes) + len(bench.new_classes)} classes needs at least four.")
 
 
 def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, device="auto", progress=True,

@@ -5,7 +5,6 @@ new one trains once per seed. WiSE-FT's mixing coefficient needs no run: it inte
 (lib.experiments.wise_ft_curves). Beside the frontier, the papers' published ViT-B/16 figures, for orientation
 only: other models, data and protocols.
 """
-from pathlib import Path
 
 import pandas as pd
 
@@ -68,7 +67,7 @@ def stored(grid, results_dir="results"):
     for knob, (_, _, values) in KNOBS.items():
         for value in values:
             runs = runner.expand(knob_grid(grid, knob, value))
-            if all((Path(results_dir) / f"{runner.run_key(run)}.csv").exists() for run in runs):
+            if all(runner.stored(results_dir, runner.run_key(run))[0] for run in runs):
                 done.setdefault(knob, []).append(value)
     return pd.concat([frontier(grid, {knob: value}, results_dir) for knob, values in done.items() for value in values],
                      ignore_index=True) if done else pd.DataFrame(columns=["knob", "method", "value", "id",

@@ -1,6 +1,7 @@
 """Loading CLIP models (open_clip by name, or the project's own mini-CLIP) and zero-shot heads."""
 import contextlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -26,9 +27,22 @@ REAL_TEMPLATES = ("a photo of a {}.", "a sketch of a {}.", "a painting of a {}."
 
 
 def pick_device(device="auto"):
+    """The torch.device for "auto" (a GPU when there is one), "cpu", "cuda", "cuda:N" or "mps"; anything else, or
+    a device this machine does not have, is a ValueError that says what there is (checked before any training)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = f"this machine has {gpus} CUDA GPU(s)" + (" and Apple's mps" if torch.backends.mps.is_available() else "")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' ({here}).")
+    if chosen.type == "cuda" and (chosen.index or 0) >= gpus or chosen.type == "mps" and \
+            not torch.backends.mps.is_available():
+        raise ValueError(f"Device {device!r} is not available: {here}. Use 'auto' or 'cpu'.")
+    return chosen
 
 
 def autocast(device):
@@ -118,8 +132,34 @@ def _load_mini(pretrained):
             "restore it with `git checkout data/mini_clip.pt` or rebuild it with `python -m lib.pretrain`.")
     model = build_mini()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict({k: v.float() for k, v in checkpoint["state_dict"].items()})
+    model.load_state_dict({k: v.float() for k, v in _mini_state_dict(checkpoint, path).items()})
     return model
+
+
+def _mini_state_dict(checkpoint, path):
+    """The state dict of a mini-CLIP checkpoint (lib.pretrain writes {"state_dict": ...}), or one error saying that
+    `path` is something else."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        held = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a mini-CLIP checkpoint (lib.pretrain saves a dict with a 'state_dict'; this "
+                         f"file holds {held}). For open_clip weights give the model's name (e.g. --model-name "
+                         f"ViT-B-16); for mini leave pretrained unset to use data/mini_clip.pt.")
+    _check_architecture(state, build_mini().state_dict(), "mini", path)
+    return state
+
+
+def _check_architecture(state, expected, name, path):
+    """One error when the tensors of a checkpoint do not fit the model `name` (instead of torch's list of size
+    mismatches, which reads like a broken download)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    common = set(state) & set(expected)
+    wrong = sorted(k for k in common if tuple(state[k].shape) != tuple(expected[k].shape))
+    if len(common) < len(expected) // 2 or wrong:
+        detail = (f"e.g. {wrong[0]} is {list(state[wrong[0]].shape)} there and {list(expected[wrong[0]].shape)} in "
+                  f"{name}" if wrong else f"only {len(common)} of {name}'s {len(expected)} tensors are in it")
+        raise ValueError(f"Checkpoint {path} was saved from another architecture than {name!r} ({detail}). Give the "
+                         f"model name it was saved from (--model-name / model_name), or the checkpoint of {name}.")
 
 
 def check_model(name, pretrained=None):
@@ -130,7 +170,7 @@ def check_model(name, pretrained=None):
             raise FileNotFoundError(f"mini-CLIP checkpoint not found at {pretrained}; leave pretrained=None for the "
                                     f"committed data/mini_clip.pt.")
         if pretrained:
-            _read_checkpoint(pretrained)
+            _read_checkpoint(pretrained, "mini")
         return
     known = open_clip.list_models()
     if name not in known:
@@ -142,7 +182,39 @@ def check_model(name, pretrained=None):
         raise FileNotFoundError(f"Checkpoint file {pretrained} does not exist. Give the path of a local "
                                 f"open_clip checkpoint for {name}, or a tag such as 'openai'.")
     if pretrained and Path(pretrained).is_file():
-        _read_checkpoint(pretrained)
+        _read_checkpoint(pretrained, name)
+    elif pretrained:
+        _check_tag_cached(name, pretrained)
+
+
+def _check_tag_cached(name, tag):
+    """Raise unless `tag` is one of open_clip's pretrained tags for `name` and its weights are already in the cache
+    open_clip reads (the Hugging Face hub cache, or open_clip's own for URL downloads): nothing downloads at run time,
+    and an offline machine fails here at once instead of retrying the hub."""
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        raise ValueError(f"{tag!r} is neither a file nor a pretrained tag of {name}; its tags are {tags or 'none'} "
+                         f"(open_clip.list_pretrained_tags_by_model), or give a checkpoint file's path.")
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    download = (f"download them once on a machine with internet: python -c \"import open_clip; "
+                f"open_clip.create_model_and_transforms('{name}', pretrained='{tag}')\" (and copy the cache), or "
+                f"give the checkpoint file's path as pretrained")
+    if cfg.get("hf_hub"):
+        import huggingface_hub
+        from huggingface_hub import constants
+        repo_id, filename = os.path.split(cfg["hf_hub"])  # as open_clip.pretrained.download_pretrained reads it
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        names += [n.rsplit(".", 1)[0] + ".safetensors" for n in names if n.endswith((".bin", ".pth"))]
+        if not any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, n), str) for n in names):
+            raise FileNotFoundError(f"The weights of {name} {tag!r} are not in the Hugging Face hub cache, where "
+                                    f"open_clip looks for them ({constants.HF_HUB_CACHE}/models--"
+                                    f"{repo_id.replace('/', '--')}, file {names[0]}; HF_HOME or HF_HUB_CACHE move "
+                                    f"it): {download}.")
+    elif cfg.get("url"):
+        target = Path("~/.cache/clip").expanduser() / Path(cfg["url"]).name
+        if not target.is_file():
+            raise FileNotFoundError(f"The weights of {name} {tag!r} are not in open_clip's cache ({target}): "
+                                    f"{download}.")
 
 
 def quick_gelu_for(name, pretrained):
@@ -157,9 +229,10 @@ def quick_gelu_for(name, pretrained):
     return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
 
-def _read_checkpoint(path):
+def _read_checkpoint(path, name=None):
     """{"quick_gelu": bool} from a checkpoint file, or one clear error for a file torch cannot read (empty,
-    truncated, random bytes) instead of an EOFError or torch's advice to turn weights_only off."""
+    truncated, random bytes) instead of an EOFError or torch's advice to turn weights_only off; given the model
+    `name`, also one error when the file's tensors are another architecture's (shapes compared, no weights read)."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -178,6 +251,14 @@ def _read_checkpoint(path):
     if not isinstance(checkpoint, dict):
         raise ValueError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict; save "
                          f"model.state_dict() with torch.save.")
+    if name == "mini":
+        _mini_state_dict(checkpoint, path)
+    elif name is not None:
+        state = checkpoint.get("state_dict", checkpoint)
+        if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            with torch.device("meta"):  # shapes only: nothing is allocated or initialized
+                expected = open_clip.create_model(name, device="meta").state_dict()
+            _check_architecture(state, expected, name, path)
     return {"quick_gelu": bool(checkpoint.get("quick_gelu", False))}
 
 

@@ -4,29 +4,19 @@
         -p dataset PACS -p data_root /data/domainbed -p train_domains '["photo"]' -p budget paper
 
 Unlike papermill, which only warns, a parameter the notebook's `parameters` cell does not define is an error,
-and nothing is written inside notebooks/ (the committed notebooks). Both are checked before the kernel starts.
+and nothing is written inside notebooks/ (the committed notebooks). Both are checked before the kernel starts, and
+so are the values, with the runner's checks (check_values): seeds, budget, device, methods, templates, model and
+checkpoint, dataset folder and train domains.
 """
 import argparse
 import ast
-import json
+import contextlib
 import sys
 from pathlib import Path
 
+from .checks import parse_value
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def parse_value(text):
-    """A value given on the command line (a notebook's -p, the runner's --hparam): JSON when it is JSON, else a
-    Python literal when it is one (None, True, tuples, single quotes), else the string itself (quote it, '"0"', to
-    keep a number a string)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def known_parameters(notebook):
@@ -45,6 +35,42 @@ def check(notebook, output, parameters):
     if unknown:
         raise ValueError(f"Unknown parameter(s) {unknown} for {Path(notebook).name}; its parameters cell defines "
                          f"{sorted(known)}.")
+    defaults = {}
+    for name, spec in known.items():
+        with contextlib.suppress(ValueError, SyntaxError):  # a default that is an expression is left to the kernel
+            defaults[name] = ast.literal_eval(spec["default"])
+    check_values({**defaults, **parameters}, Path(notebook).parent)
+
+
+def check_values(values, folder="."):
+    """Raise ValueError (or FileNotFoundError) for a notebook parameter value the run would fail on, with the
+    runner's checks: every `*seeds` a non-empty list of seeds and every `*seed` a seed, budget, device, method names,
+    templates, model_name with pretrained, and dataset with data_root and train_domains (or test_domain) (paths
+    relative to `folder`, where the notebook runs)."""
+    from . import runner
+    from .checks import SEED, check_number, check_seeds, check_templates
+    from .methods import get_method
+    from .models import pick_device
+    for name, value in values.items():
+        if name.endswith("seeds"):
+            check_seeds(f"notebook parameter {name}", value)
+        elif name.endswith("seed"):
+            check_number("notebook parameter", name, value, SEED)
+    if "templates" in values and values["templates"] is not None:
+        check_templates("notebook parameter", values["templates"])
+    if "device" in values:
+        pick_device(values["device"])
+    for method in values.get("methods", []):  # by name: what a method needs from the data is the notebook's to give
+        get_method(method)
+    grid = {"methods": ["zeroshot"], "seeds": [0]}
+    for name, key in (("model_name", "model_name"), ("budget", "budget"), ("test_domain", "train_domains"),
+                      ("train_domains", "train_domains"), ("dataset", "datasets")):
+        if name in values:
+            grid[key] = [values[name]] if key == "datasets" or name == "test_domain" else values[name]
+    for name in ("pretrained", "data_root"):
+        if values.get(name) is not None:
+            grid[name] = str(Path(folder) / values[name]) if (Path(folder) / values[name]).exists() else values[name]
+    runner.validate(runner.expand(grid))
 
 
 def run(notebook, out_dir="runs", parameters=None, name=None, progress=False):
@@ -72,7 +98,7 @@ def main(argv=None):
     parameters = {name: parse_value(value) for name, value in args.parameter}
     try:
         check(args.notebook, args.out_dir / (args.name or args.notebook.name), parameters)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         parser.error(str(error))
     print(run(args.notebook, args.out_dir, parameters, args.name, progress=True))
 

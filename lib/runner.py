@@ -1,15 +1,19 @@
 """A resumable experiment runner: `python -m lib.runner` or `run_grid(grid)`.
 
 A grid names methods, seeds, hyperparameters, datasets and a budget, or explicit sizes (n_train_per_class,
-n_test_per_class, num_steps, batch_size); a list value is a sweep. Every run is one point of the grid; its tidy
-results go to results/<key>.csv, where the key is a hash of the run's parameters, next to results/<key>.json (the
-parameters) and results/change/<key>.csv (where it changed the model, per block: load_changes). A run whose CSV
-exists is skipped, and a CSV appears only complete (written to a temporary file, then renamed, after the other
-two), so a sweep killed at any moment resumes where it stopped without redoing or corrupting anything.
+n_test_per_class, num_steps, batch_size); a list value is a sweep (a list of templates is one value). Every run is
+one point of the grid; its tidy results go to results/<key>.csv, next to results/change/<key>.csv (where it changed
+the model, per block: load_changes) and results/<key>.json (its provenance). The key is a hash of the run's
+parameters and of what produced it (provenance): the code that trains and evaluates, the libraries that compute,
+the checkpoint's content and the dataset's files, so a result is reused only by the same experiment. The .json,
+written last, marks a run as done; it holds each CSV's rows and sha256, checked on every read, so a damaged, cut
+or incomplete result is trained again (with one line saying so), never read. A sweep killed at any moment resumes
+where it stopped without redoing or corrupting anything.
 A run is trained while holding a lock on results/<key>.lock, so two runners on one folder never train the same
 run twice: the second skips it, and waits for its result at the end. Everything that can be checked before
-training is (methods, hyperparameters, model, dataset folders and images, the results folder), and a run whose
-loss, gradients or weights stop being finite raises instead of being stored (lib.train.finetune).
+training is (methods, hyperparameters, seeds, device, model and checkpoint, dataset folders and images, the
+results folder), and a run whose loss, gradients or weights stop being finite raises instead of being stored
+(lib.train.finetune).
 
     >>> table = run_grid({"methods": ["ft", "clipood"], "seeds": [0, 1, 2], "budget": "default"})
 
@@ -17,20 +21,27 @@ Under `torchrun --nproc_per_node=N -m lib.runner ...` every rank trains every ru
 (lib.train.finetune) and evaluates it (the same test set on every rank: simple, not faster); rank 0 alone writes.
 """
 import argparse
+import ast
 import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import itertools
 import json
 import os
+import platform
+import shlex
+import subprocess
+import sys
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 
 # torch, pandas and the rest of the lab are imported where they are needed, so that --help and usage errors are
 # instant (importing them takes seconds).
-from .checks import Number, check_number
-from .notebooks import parse_value
+from .checks import SEED, Number, check_number, parse_value
 
 # A run's size: the budget's values unless the grid sets them (None = the budget's).
 SIZES = ("n_train_per_class", "n_test_per_class", "num_steps", "batch_size")
@@ -45,7 +56,8 @@ GRID_DEFAULTS = dict(methods=["ft"], seeds=[0], hparams={}, datasets=["shapeworl
 
 def expand(grid):
     """The runs of a grid: one dict per (dataset, size, method, seed, hyperparameter combination), in a fixed
-    order; a list value of a hyperparameter or a size is a sweep. The budget is the one that will run
+    order; a list value of a hyperparameter or a size is a sweep, except that a list of strings is one value of
+    `templates` (a list of such lists sweeps them). The budget is the one that will run
     (LAB_BUDGET overrides the grid's), so a key never mixes budgets. Sizes the grid sets explicitly are part of a
     run (and of its key) only when set, so the keys of budget-only runs stay what they were."""
     from . import experiments
@@ -58,12 +70,16 @@ def expand(grid):
         raise ValueError(f"{sizes_as_hparams} set a run's size: give them as grid keys (or --num-steps, "
                          f"--batch-size, ...), not as hyperparameters.")
     sizes = _combinations({name: grid[name] for name in SIZES if grid[name] is not None})
+    swept = dict(grid["hparams"])
+    templates = swept.get("templates")
+    if isinstance(templates, list) and templates and all(isinstance(t, str) for t in templates):
+        swept["templates"] = [templates]  # one list of templates is one value; a list of lists is a sweep
     options = {name: grid[name] for name, default in OPTIONAL.items() if grid[name] != default}
     return [dict(method=method, seed=seed, hparams=hparams, dataset=dataset, data_root=grid["data_root"],
                  train_domains=list(grid["train_domains"]), budget=experiments.budget_name(grid["budget"]),
                  model_name=grid["model_name"], pretrained=grid["pretrained"], **size, **options)
             for dataset in grid["datasets"] for size in sizes for method in grid["methods"]
-            for seed in grid["seeds"] for hparams in _combinations(grid["hparams"])]
+            for seed in grid["seeds"] for hparams in _combinations(swept)]
 
 
 def stored_compare(grid, hparams=None, results_dir="results", device="auto", progress=True):
@@ -90,13 +106,65 @@ def _combinations(values):
 
 
 def run_key(run):
-    """A short, stable hash of a run's parameters (key order does not matter). A checkpoint file given as
-    `pretrained` counts by its content, so replaced weights never reuse the results of the old ones."""
-    keyed = dict(run)
-    if run.get("pretrained") and Path(run["pretrained"]).is_file():
-        stat = Path(run["pretrained"]).stat()
-        keyed["pretrained_sha256"] = _file_hash(str(Path(run["pretrained"]).resolve()), stat.st_size, stat.st_mtime_ns)
+    """A short, stable hash of a run's parameters (key order does not matter) and of its provenance (what produced
+    it: the code, the libraries, the checkpoint's content, the dataset's files), so that a change of any of them
+    trains the run again instead of reusing a result it did not produce."""
+    keyed = {**run, "provenance": provenance(run)}
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Modules that cannot change a stored number (they draw, explore, run notebooks, or pretrain: the checkpoint's own
+# hash keys what pretraining made). Every other module of lib/ is part of the code fingerprint.
+UNKEYED_MODULES = ("explorer.py", "notebooks.py", "plots.py", "pretrain.py")
+# The libraries whose arithmetic makes the numbers (pandas only formats them, and is recorded, not keyed).
+KEYED_LIBRARIES = ("torch", "torchvision", "open_clip_torch", "numpy", "pillow")
+
+
+def provenance(run):
+    """What a run's result depends on besides its parameters, all part of its key: code (code_fingerprint),
+    libraries (their versions), checkpoint (checkpoint_fingerprint) and data (dataset_fingerprint)."""
+    return dict(code=code_fingerprint(), libraries=_versions(KEYED_LIBRARIES),
+                checkpoint=checkpoint_fingerprint(run["model_name"], run["pretrained"]), data=dataset_fingerprint(run))
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint():
+    """source_fingerprint of lib/, computed once a process."""
+    return source_fingerprint(Path(__file__).resolve().parent)
+
+
+def source_fingerprint(package):
+    """sha256 (16 hex digits) of the syntax trees of a package's modules (but UNKEYED_MODULES), docstrings left
+    out: any change of behaviour changes it, while comments, docstrings and line breaks do not (they are not in the
+    tree). A refactor that keeps the behaviour still changes it: the key errs on the side of training again. (The
+    dump can differ between Python versions; such a change, too, trains again.)"""
+    digest = hashlib.sha256()
+    package = Path(package)
+    for path in sorted(package.rglob("*.py")):
+        if path.name in UNKEYED_MODULES and path.parent == package:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(f"{path.relative_to(package)}\n{ast.dump(tree)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(model_name, pretrained):
+    """The weights a run starts from: a file (mini-CLIP's committed data/mini_clip.pt when pretrained is None) by
+    the sha256 of its content; an open_clip tag by its name (open_clip's version, keyed too, fixes what it means);
+    pretrained=None for an open_clip name is its seeded random initialization."""
+    from .models import MINI_CHECKPOINT
+    path = MINI_CHECKPOINT if model_name == "mini" and not pretrained else Path(pretrained) if pretrained else None
+    if path is None:
+        return "random (seed 0)"
+    if not path.is_file():
+        return f"tag {pretrained}"
+    stat = path.stat()
+    return "sha256 " + _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,6 +176,70 @@ def _file_hash(path, size, mtime_ns):  # size and mtime: a file changed in place
     return digest.hexdigest()
 
 
+def dataset_fingerprint(run):
+    """The data a run trains and tests on: ShapeWorld is generated by lib.data.shapeworld from the seed (the code
+    fingerprint covers it); a dataset on disk by lib.data.files.fingerprint of the benchmark's files (their absolute
+    root, relative paths, sizes, modification times, labels, domains and class names), loaded once a process."""
+    if run["dataset"] == "shapeworld":
+        return "shapeworld (generated)"
+    from .data.files import fingerprint
+    bench = _folder_benchmark(run, progress=False)
+    return fingerprint(bench.train, bench.test, bench.validation)
+
+
+# (absolute data root, setting) -> the folder benchmark last loaded (and checked) in this process: prepare loads
+# it afresh on every call, so a process that lives on (a notebook kernel) still sees files that changed.
+_BENCHMARKS = {}
+
+
+def _folder_benchmark(run, progress=True, fresh=False):
+    from . import experiments
+    where = (os.path.abspath(run["data_root"]), _setting(run))
+    if fresh or where not in _BENCHMARKS:
+        _BENCHMARKS[where] = experiments.benchmark(run["dataset"], run["data_root"], run["train_domains"],
+                                                   run_size(run), run.get("dataset_options"), progress)
+    return _BENCHMARKS[where]
+
+
+@functools.lru_cache(maxsize=4)
+def _versions(names):
+    return {name: _version(name) for name in names}
+
+
+def _version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit():
+    """The checkout's commit, "+changes" when lib/ differs from it, or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(["git", "status", "--porcelain", "lib"], cwd=root, capture_output=True, text=True,
+                                 timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
+
+
+def record(run, trained, device):
+    """The .json of a stored run: its parameters, its key and provenance, the hyperparameters that actually ran
+    (the method's, defaults and data templates resolved), and what is recorded without being keyed: the commit,
+    every library version, Python, the device, the number of processes and the time."""
+    import torch
+    return dict(run=run, key=run_key(run), provenance=provenance(run), hparams=trained.method.hparams,
+                git_commit=_git_commit(), versions=_versions(KEYED_LIBRARIES + ("pandas",)),
+                python=platform.python_version(), device=str(device),
+                world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
 def run_size(run):
     """n_train_per_class, n_test_per_class, num_steps and batch_size of a run: its budget's, then its own."""
     from . import experiments
@@ -115,14 +247,17 @@ def run_size(run):
 
 
 def validate(runs):
-    """Fail before any training on what can be checked without loading data: methods, modifiers and every
+    """Fail before any training on what can be checked without loading data: seeds, methods, modifiers and every
     hyperparameter (at the run's own num_steps and batch_size), what a method needs from a dataset (e.g. arf's
     captions on folders), budgets and sizes, models and checkpoint files, dataset folders and train domains.
     (prepare then loads the folder datasets, which checks their images.)"""
+    from .data import loader
     from .methods import get_method
     from .models import check_model
     size_rule = Number(1, integer=True, why="a run's size; a list of them is a sweep")
     models_checked = set()
+    for run in runs:  # the arguments first, then what they name
+        check_number("runner", "seed", run["seed"], SEED)
     for run in runs:
         for name in SIZES:
             if name in run:
@@ -135,7 +270,6 @@ def validate(runs):
             check_model(run["model_name"], run["pretrained"])
             models_checked.add((run["model_name"], run["pretrained"]))
         if run["dataset"] != "shapeworld":
-            from .data import loader
             if run["data_root"] is None:
                 raise ValueError(f"dataset {run['dataset']!r} is read from disk: set data_root to the folder that "
                                  f"holds it (the README's real-tier section draws each layout).")
@@ -156,19 +290,26 @@ def _setting(run):
             json.dumps(run.get("dataset_options", {}), sort_keys=True))
 
 
-def prepare(grid, results_dir="results", progress=True):
-    """Every check that can run before training: validate, then load (and so check) the folder datasets of the
-    runs still to do, then make sure results_dir can be written. Returns (runs, todo, benchmarks by setting)."""
-    from . import experiments
+def prepare(grid, results_dir="results", progress=True, device="auto"):
+    """Every check that can run before training: the device and validate, then load (and so check) the folder
+    datasets (their files are part of the keys), the stored results (a damaged one is trained again, with one line
+    saying so) and whether results_dir can be written. Returns (runs, todo, benchmarks by setting)."""
+    from .models import pick_device
+    pick_device(device)
     runs = expand(grid)
     validate(runs)
-    results_dir = Path(results_dir)
-    todo = [run for run in runs if not (results_dir / f"{run_key(run)}.csv").exists()]
     benchmarks = {}
-    for run in todo:
+    for run in runs:
         if run["dataset"] != "shapeworld" and _setting(run) not in benchmarks:
-            benchmarks[_setting(run)] = experiments.benchmark(run["dataset"], run["data_root"], run["train_domains"],
-                                                              run_size(run), run.get("dataset_options"), progress)
+            benchmarks[_setting(run)] = _folder_benchmark(run, progress, fresh=True)
+    results_dir = Path(results_dir)
+    todo = []
+    for run in runs:
+        done, problem = stored(results_dir, run_key(run))
+        if problem:
+            print(f"{problem}: treated as missing, {run['method']} seed {run['seed']} trains again.", file=sys.stderr)
+        if not done:
+            todo.append(run)
     _check_writable(results_dir)
     return runs, todo, benchmarks
 
@@ -190,7 +331,7 @@ def run_grid(grid, results_dir="results", device="auto", progress=True):
     grid keys (all optional; see GRID_DEFAULTS): methods, seeds, hparams ({name: value or list of values}),
     datasets, data_root, train_domains, budget, model_name, pretrained, the sizes in SIZES, and OPTIONAL's
     dataset_options ({"class_folders": "intersection", "partial": True}) and quick_gelu."""
-    return execute(*prepare(grid, results_dir, progress), results_dir, device, progress)
+    return execute(*prepare(grid, results_dir, progress, device), results_dir, device, progress)
 
 
 def execute(runs, todo, benchmarks, results_dir="results", device="auto", progress=True):
@@ -202,13 +343,16 @@ def execute(runs, todo, benchmarks, results_dir="results", device="auto", progre
     loaded, deferred = {}, []
     for run in tqdm(todo, desc=f"runs ({len(runs) - len(todo)} of {len(runs)} done before)",
                     disable=not (progress and writer)):
-        with _claim(results_dir / f"{run_key(run)}.csv", blocking=False) as claimed:
+        with _claim(results_dir, run_key(run), blocking=False) as claimed:
             if claimed is None:
                 deferred.append(run)
             elif claimed:
                 _train_and_store(run, loaded, benchmarks, results_dir, device, writer)
     for run in deferred:  # held by another runner: wait for it; train it only if that runner died without it
-        with _claim(results_dir / f"{run_key(run)}.csv", blocking=True) as claimed:
+        if progress and writer:
+            print(f"waiting for another runner training {run['method']} seed {run['seed']} (it holds "
+                  f"{results_dir / run_key(run)}.lock)", file=sys.stderr)
+        with _claim(results_dir, run_key(run), blocking=True) as claimed:
             if claimed:
                 _train_and_store(run, loaded, benchmarks, results_dir, device, writer)
     _barrier()  # every rank reads rank 0's files
@@ -218,6 +362,7 @@ def execute(runs, todo, benchmarks, results_dir="results", device="auto", progre
 def _train_and_store(run, loaded, benchmarks, results_dir, device, writer):
     from . import experiments
     from .change import change_table
+    from .models import pick_device
     size, setting = run_size(run), _setting(run)
     if setting not in loaded:
         loaded.clear()  # one model and benchmark in memory at a time
@@ -232,17 +377,17 @@ def _train_and_store(run, loaded, benchmarks, results_dir, device, writer):
                                          size["batch_size"], device, progress=False, **run["hparams"])
     change = change_table(model, {run["method"]: trained.model}, **probe).drop(columns="method")
     if writer:
-        _write_atomically(results_dir / f"{run_key(run)}.csv", run,
+        _write_atomically(results_dir, run_key(run), record(run, trained, pick_device(device)),
                           table.assign(train_domains="+".join(run["train_domains"])), change)
 
 
 @contextlib.contextmanager
-def _claim(path, blocking):
-    """Whether this process should train the run whose result is `path`: True (it holds <key>.lock and there is no
-    result yet), False (the result exists: another runner finished it) or None (another runner holds the lock and
-    blocking is False). The lock is fcntl.flock's, which the kernel releases when a process dies, so a runner
-    killed with SIGKILL leaves no stale claim. Under torch.distributed rank 0 decides for every rank."""
-    lock_path = path.with_suffix(".lock")
+def _claim(results_dir, key, blocking):
+    """Whether this process should train the run stored under `key`: True (it holds <key>.lock and there is no
+    intact result yet), False (the result is stored: another runner finished it) or None (another runner holds the
+    lock and blocking is False). The lock is fcntl.flock's, which the kernel releases when a process dies, so a
+    runner killed with SIGKILL leaves no stale claim. Under torch.distributed rank 0 decides for every rank."""
+    lock_path = Path(results_dir) / f"{key}.lock"
     fd = None
     try:
         decision = None
@@ -250,15 +395,15 @@ def _claim(path, blocking):
             fd = os.open(lock_path, os.O_CREAT | os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                decision = not path.exists()
+                decision = not stored(results_dir, key)[0]
             except BlockingIOError:
                 decision = None
         decision = _from_rank_0(decision)
         if decision:
-            for partial in path.parent.glob(f"{path.stem}.*.tmp"):  # left by a runner killed while writing
+            for partial in Path(results_dir).glob(f"{key}.*.tmp"):  # left by a runner killed while writing
                 partial.unlink()
         yield decision
-        if fd is not None and decision is not None and path.exists():
+        if fd is not None and decision is not None and stored(results_dir, key)[0]:
             # Removed (while held) only once the result exists: a runner that opens the name afterwards locks a new
             # file and finds the result; after a failure the file stays, so two waiters cannot both take the run.
             with contextlib.suppress(FileNotFoundError):  # a runner that finished the run removed it already
@@ -291,26 +436,59 @@ def _barrier():
 def load_results(runs, results_dir="results"):
     """The stored tables of `runs`, concatenated, with columns for the runs' parameters: method, label (the method
     with its hyperparameters and explicit sizes, what tells runs of one method apart), seed, dataset, one column
-    per hyperparameter and per explicit size."""
+    per hyperparameter and per explicit size. A run not stored intact is an error, never read."""
     return _load(runs, results_dir)
 
 
 def load_changes(runs, results_dir="results"):
     """Where each of `runs` changed the model (lib.change.change_table against the zero-shot model, per block of
     both towers, on experiments.change_probe's held-out images and prompts), with load_results' run columns."""
-    missing = [run for run in runs if not (Path(results_dir) / "change" / f"{run_key(run)}.csv").exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of these runs have no stored per-block change (e.g. "
-                                f"{missing[0]['method']}, seed {missing[0]['seed']}): they ran before the runner "
-                                f"kept it, or have not run. Delete their files under {results_dir} and run_grid again.")
-    return _load(runs, Path(results_dir) / "change")
+    return _load(runs, results_dir, "change")
 
 
-def _load(runs, folder):
+def stored(results_dir, key):
+    """(done, problem): whether the run under `key` is stored intact (its .json, written last, and both CSVs with
+    the rows and sha256 the .json records), and else why not (None when nothing of it is there)."""
+    paths = _paths(results_dir, key)
+    if not any(path.exists() for path in paths.values()):
+        return False, None
+    where = f"the stored run {Path(results_dir) / key}"
+    try:
+        sidecar = json.loads(paths["json"].read_text())
+        expected = {part: (sidecar[part]["rows"], sidecar[part]["sha256"]) for part in ("results", "change")}
+    except FileNotFoundError:
+        return False, f"{where} has no .json (its writing was cut short)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return False, f"{where} has an unreadable .json ({type(error).__name__}: {error})"
+    for part, (rows, digest) in expected.items():
+        try:
+            content = paths[part].read_bytes()
+        except OSError:
+            return False, f"{where} lacks its {part} CSV {paths[part]}"
+        if hashlib.sha256(content).hexdigest() != digest:
+            found = max(content.count(b"\n") - 1, 0)
+            return False, (f"{where} has a damaged {part} CSV {paths[part]} (sha256 differs from its .json; "
+                           f"{found} of {rows} rows)")
+    return True, None
+
+
+def _paths(results_dir, key):
+    results_dir = Path(results_dir)
+    return {"results": results_dir / f"{key}.csv", "change": results_dir / "change" / f"{key}.csv",
+            "json": results_dir / f"{key}.json"}
+
+
+def _load(runs, results_dir, part="results"):
     import pandas as pd
     tables = []
     for run in runs:
-        table = pd.read_csv(Path(folder) / f"{run_key(run)}.csv")
+        key = run_key(run)
+        done, problem = stored(results_dir, key)
+        if not done:  # never read a damaged or missing result
+            raise FileNotFoundError(f"{problem or f'the run {key} is not stored in {results_dir}'} "
+                                    f"({run['method']}, seed {run['seed']}): run_grid (or python -m lib.runner) with "
+                                    f"the same grid trains it again.")
+        table = pd.read_csv(io.BytesIO(_paths(results_dir, key)[part].read_bytes()))
         varied = {**run["hparams"], **{name: run[name] for name in SIZES if name in run}}
         label = " ".join([run["method"]] + [f"{n}={v}" for n, v in sorted(varied.items())])
         tables.append(table.assign(method=run["method"], label=label, seed=run["seed"], dataset=run["dataset"],
@@ -319,17 +497,24 @@ def _load(runs, folder):
     return pd.concat(tables, ignore_index=True)
 
 
-def _write_atomically(path, run, table, change):
-    (path.parent / "change").mkdir(exist_ok=True)
-    for target, write in ((path.with_suffix(".json"), lambda f: json.dump(run, f, indent=1, default=str)),
-                          (path.parent / "change" / path.name, lambda f: change.to_csv(f, index=False)),
-                          (path, lambda f: table.to_csv(f, index=False))):
-        partial = target.with_name(target.name + ".tmp")
-        with open(partial, "w") as file:
-            write(file)
+def _write_atomically(results_dir, key, sidecar, table, change):
+    """Each file written to a temporary name, then renamed; the .json, which records the CSVs' rows and sha256,
+    last: it is what marks the run as done."""
+    paths = _paths(results_dir, key)
+    paths["change"].parent.mkdir(exist_ok=True)
+    frames = {"change": change, "results": table}
+    contents = {part: frame.to_csv(index=False).encode() for part, frame in frames.items()}
+    for part, content in contents.items():
+        sidecar[part] = dict(file=str(paths[part].relative_to(results_dir)), rows=len(frames[part]),
+                             sha256=hashlib.sha256(content).hexdigest())
+    contents["json"] = json.dumps(sidecar, indent=1, default=str).encode()
+    for part, content in contents.items():
+        partial = paths[part].with_name(paths[part].name + ".tmp")
+        with open(partial, "wb") as file:
+            file.write(content)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(partial, target)  # the CSV, written last, is what marks the run as done
+        os.replace(partial, paths[part])
 
 
 def main(argv=None):
@@ -372,9 +557,12 @@ def main(argv=None):
                 parser.error(f"{flag} takes NAME=VALUE; got {item!r}")
             grid.setdefault(key, {})[name] = parse_value(value)
     try:
-        planned = prepare(grid, args.results_dir)
+        planned = prepare(grid, args.results_dir, device=args.device)
     except (ValueError, OSError) as error:  # a usage error: nothing has trained and nothing is written
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print(f"\nInterrupted before training; nothing was stored. Run it again: {_command(argv)}", file=sys.stderr)
+        sys.exit(130)
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
@@ -386,9 +574,19 @@ def main(argv=None):
         results = execute(*planned, args.results_dir, args.device)
         if _rank() == 0:
             print(summary_table(results, grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
+    except KeyboardInterrupt:  # one line, not a traceback: every finished run is stored, and is kept
+        runs, results_dir = planned[0], Path(args.results_dir)
+        done = sum(stored(results_dir, run_key(run))[0] for run in runs)
+        print(f"\nInterrupted: {done} of {len(runs)} runs are stored in {results_dir}. The same command resumes "
+              f"where it stopped: {_command(argv)}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _command(argv):
+    return shlex.join([Path(sys.executable).name, "-m", "lib.runner", *(sys.argv[1:] if argv is None else argv)])
 
 
 def summary_table(results, train_domains):

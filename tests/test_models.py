@@ -116,11 +116,14 @@ def test_random_open_clip_weights_are_seeded_and_leave_the_callers_random_state_
 
 
 def test_quick_gelu_comes_from_the_weights_never_from_the_file_name(tmp_path, monkeypatch):
+    with torch.device("meta"):  # ViT-B-16's tensors, each one stored value broadcast (a tiny file)
+        shapes = models.open_clip.create_model("ViT-B-16", device="meta").state_dict()
+    state = {name: torch.zeros(()).expand(tensor.shape) for name, tensor in shapes.items()}
     plain = tmp_path / "ViT-B-16-openai.pt"  # "openai" in the name, but a plain state dict says nothing
-    torch.save({"w": torch.zeros(1)}, plain)
+    torch.save(state, plain)
     assert models.quick_gelu_for("ViT-B-16", str(plain)) is False
     marked = tmp_path / "mine.pt"
-    torch.save({"w": torch.zeros(1), "quick_gelu": True}, marked)
+    torch.save({**state, "quick_gelu": True}, marked)
     assert models.quick_gelu_for("ViT-B-16", str(marked)) is True
     assert models.quick_gelu_for("ViT-B-16", "openai") is True  # open_clip's pretrained config says so
     assert models.quick_gelu_for("ViT-B-16", "laion2b_s34b_b88k") is False

@@ -41,16 +41,25 @@ def test_expand_sweeps_lists_of_hyperparameters_and_keys_are_stable():
     assert runs[0]["budget"] == "smoke"  # the budget that runs: LAB_BUDGET (set by conftest) overrides the grid
 
 
-def test_the_key_is_a_fixed_function_of_the_parameters_and_changes_with_any_of_them():
+def test_the_key_is_a_fixed_function_of_the_parameters_and_provenance_and_changes_with_any_of_them(monkeypatch):
+    monkeypatch.setattr(runner, "dataset_fingerprint", lambda run: f"files of {run['dataset']} in {run['data_root']}")
     run = runner.expand({"methods": ["ft"], "seeds": [0], "budget": "smoke"})[0]
-    # Pinned: results/ of earlier sessions (notebook 05's cache) stay valid only while this holds.
-    assert runner.run_key(run) == "396014c9b10be0d1"
+    key = runner.run_key(run)
+    assert runner.run_key(dict(reversed(list(run.items())))) == key
     changed = dict(method="mms", seed=1, hparams={"lr": 1e-3}, dataset="PACS", data_root="/data",
                    train_domains=["sketch"], budget="default", model_name="ViT-B-16", pretrained="openai")
     assert set(changed) == set(run)
     for name, value in changed.items():
-        assert runner.run_key({**run, name: value}) != runner.run_key(run), name
-    assert runner.run_key({**run, "num_steps": 3}) != runner.run_key(run)
+        assert runner.run_key({**run, name: value}) != key, name
+    assert runner.run_key({**run, "num_steps": 3}) != key
+    # What produced a result: the code, the libraries, the checkpoint's content, the dataset's files.
+    for name, other in (("code_fingerprint", lambda: "other code"), ("_versions", lambda names: {"torch": "9.9"}),
+                        ("checkpoint_fingerprint", lambda name, pretrained: "sha256 of other weights"),
+                        ("dataset_fingerprint", lambda run: "other files")):
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, name, other)
+            assert runner.run_key(run) != key, name
+    assert runner.run_key(run) == key
 
 
 def test_explicit_sizes_override_the_budget_sweep_and_become_columns(tmp_path):
@@ -111,7 +120,7 @@ def test_a_sweep_that_crashes_while_writing_resumes_without_redoing_runs_or_corr
     assert results.accuracy.between(0, 1).all() and (results.groupby(["method", "seed"]).size() == ROWS_PER_RUN).all()
 
     for sidecar in tmp_path.glob("*.json"):  # the parameters of every result, under its key
-        assert runner.run_key(json.loads(sidecar.read_text())) == sidecar.stem
+        assert runner.run_key(json.loads(sidecar.read_text())["run"]) == sidecar.stem
     trained.clear()
     again = runner.run_grid(GRID, tmp_path, progress=False)
     assert trained == [] and again.equals(results)
@@ -134,7 +143,7 @@ def test_every_run_stores_calibration_and_where_it_changed_the_model(tmp_path):
     assert (ft[ft.encoder == "image"].relative_change > 0).all()
     assert (ft[ft.encoder == "text"].relative_change == 0).all()
     assert ft[ft.encoder == "image"].cka.between(0, 1 + 1e-9).all() and ft[ft.encoder == "image"].cka.min() < 1
-    with pytest.raises(FileNotFoundError, match="no stored per-block change"):
+    with pytest.raises(FileNotFoundError, match="is not stored in .*trains it again"):
         runner.load_changes(runner.expand({**GRID, "seeds": [5]}), tmp_path)
 
 
@@ -165,7 +174,7 @@ def test_the_cli_maps_flags_to_grid_keys_over_a_grid_file(monkeypatch, tmp_path)
     class Mapped(Exception):
         pass
 
-    def stop(grid, *args):
+    def stop(grid, *args, **kwargs):
         raise Mapped(grid)
     monkeypatch.setattr(runner, "prepare", stop)
     grid_file = tmp_path / "grid.json"
@@ -200,14 +209,15 @@ def test_the_runner_and_compare_give_the_same_results(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    """A small DomainBed-layout dataset "Toy": domains art and photo, classes dog, horse (base) and zebra (new)."""
+    """A small DomainBed-layout dataset "Toy": domains art and photo, classes dog, horse (base), lion and zebra
+    (new)."""
     from PIL import Image
     root = tmp_path_factory.mktemp("domainbed")
     for d in ("art", "photo"):
-        for c in ("dog", "horse", "zebra"):
+        for c in ("dog", "horse", "lion", "zebra"):
             (root / "Toy" / d / c).mkdir(parents=True)
             for i in range(6):
-                Image.new("RGB", (32, 32), (40 * i, 80, 0)).save(root / "Toy" / d / c / f"{i}.png")
+                Image.new("RGB", (8, 8), (40 * i, 80, 0)).save(root / "Toy" / d / c / f"{i}.png")
     return root
 
 
@@ -249,7 +259,7 @@ def test_a_diverged_run_raises_and_is_never_stored(tmp_path, hparams):
     grid = {"methods": ["zeroshot", "ft"], "hparams": hparams, "train_domains": ["photo"], "num_steps": 20}
     with pytest.raises(FloatingPointError, match=r"ft: the .* is (nan|inf) at step"):
         runner.run_grid(grid, tmp_path, progress=False)
-    stored = [json.loads(p.read_text())["method"] for p in tmp_path.glob("*.json")]
+    stored = [json.loads(p.read_text())["run"]["method"] for p in tmp_path.glob("*.json")]
     assert stored == ["zeroshot"] and len(list(tmp_path.glob("*.csv"))) == 1  # the finished run only
 
 
@@ -307,9 +317,9 @@ def test_a_claim_held_by_another_runner_is_waited_for(tmp_path):
     lock = tmp_path / f"{runner.run_key(run)}.lock"
     with open(lock, "w") as other:  # another runner's claim
         fcntl.flock(other, fcntl.LOCK_EX)
-        with runner._claim(tmp_path / f"{runner.run_key(run)}.csv", blocking=False) as claimed:
+        with runner._claim(tmp_path, runner.run_key(run), blocking=False) as claimed:
             assert claimed is None
-    with runner._claim(tmp_path / f"{runner.run_key(run)}.csv", blocking=False) as claimed:
+    with runner._claim(tmp_path, runner.run_key(run), blocking=False) as claimed:
         assert claimed is True  # released (as the kernel does when a runner dies)
 
 

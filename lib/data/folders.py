@@ -9,8 +9,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .benchmark import Benchmark, Classification
-from .files import IMAGE_SUFFIXES, image_files, subfolders
-from .imageset import ImageSet
+from .files import IMAGE_SUFFIXES, image_files, subfolders, warn_skipped
+from .imageset import ImageSet, to_rgb
 
 LAYOUT = """Expected layout (DomainBed):
     {root}/
@@ -89,10 +89,11 @@ def check(root, dataset, train_domains):
     if not folder.is_dir():
         raise FileNotFoundError(f"No dataset folder {folder}: put {dataset} there in the DomainBed layout, or fix "
                                 f"data_root / the dataset name.\n{LAYOUT.format(root=root, dataset=dataset)}")
-    missing = [d for d in train_domains if not (folder / d).is_dir()]
+    found = [p.name for p in subfolders(folder, warn=False)]  # loading says what it skips
+    missing = [d for d in train_domains if d not in found]
     if missing:
         raise FileNotFoundError(f"{folder} has no folder for the train domain(s) {missing}; its domains are "
-                                f"{[p.name for p in subfolders(folder)]}: fix train_domains.")
+                                f"{found}: fix train_domains.")
 
 
 def load_domainbed(root, dataset, domains=None, classes=None, class_folders="error", partial=False):
@@ -100,9 +101,10 @@ def load_domainbed(root, dataset, domains=None, classes=None, class_folders="err
 
     Class names are the sorted folder names with underscores read as spaces; labels index that sorted list.
     domains and classes restrict what is loaded (class names as in the folders or with spaces).
-    Checked here: an empty class folder is an error; so are class folders that differ between the domains,
-    unless class_folders="intersection" (keep the classes every domain has); and a dataset of PUBLISHED whose
-    domains, classes or images per domain differ from the release is an error unless partial=True.
+    Hidden and system entries (lib.data.files.is_system: ".*", "@*", "__MACOSX") are skipped at every level, with
+    one warning that names them. Checked here: an empty class folder is an error; so are class folders that differ
+    between the domains, unless class_folders="intersection" (keep the classes every domain has); and a dataset of
+    PUBLISHED whose domains, classes or images per domain differ from the release is an error unless partial=True.
     """
     if class_folders not in ("error", "intersection"):
         raise ValueError(f"class_folders must be 'error' or 'intersection'; got {class_folders!r}")
@@ -110,14 +112,15 @@ def load_domainbed(root, dataset, domains=None, classes=None, class_folders="err
     layout = LAYOUT.format(root=root, dataset=dataset)
     if not base.is_dir():
         raise FileNotFoundError(f"No dataset folder {base}.\n{layout}")
-    found_domains = [p.name for p in subfolders(base)]
+    skipped = []  # hidden and system entries at every level, said in one warning
+    found_domains = [p.name for p in subfolders(base, skipped=skipped)]
     if not found_domains:
         raise FileNotFoundError(f"{base} has no domain folders.\n{layout}")
     domains = list(domains) if domains is not None else found_domains
     missing = [d for d in domains if d not in found_domains]
     if missing:
         raise FileNotFoundError(f"{base} has no domain folder(s) {missing}; it has {found_domains}.\n{layout}")
-    per_domain = {d: {p.name for p in subfolders(base / d)} for d in domains}
+    per_domain = {d: {p.name for p in subfolders(base / d, skipped=skipped)} for d in domains}
     folders = sorted(set.union(*per_domain.values()))
     common = sorted(set.intersection(*per_domain.values()))
     if folders != common and class_folders == "error":
@@ -140,12 +143,13 @@ def load_domainbed(root, dataset, domains=None, classes=None, class_folders="err
     paths, labels, item_domains, empty = [], [], [], []
     for domain in domains:
         for label, folder in enumerate(folders):
-            images = image_files(base / domain / folder)
+            images = image_files(base / domain / folder, skipped=skipped)
             if not images:
                 empty.append(f"{domain}/{folder}")
             paths.extend(map(str, images))
             labels.extend([label] * len(images))
             item_domains.extend([domain] * len(images))
+    warn_skipped(base, skipped)
     if empty:
         raise FileNotFoundError(f"{len(empty)} class folder(s) of {base} have no images "
                                 f"({sorted(IMAGE_SUFFIXES)}): {empty[:10]}{' ...' if len(empty) > 10 else ''}; a "
@@ -182,7 +186,7 @@ def check_images(dataset, progress=True):
     for path in tqdm(dataset.images, desc="checking images", disable=not progress, leave=False):
         try:
             with Image.open(path) as image:
-                image.load()  # the whole file: verify() alone misses truncated data
+                to_rgb(image)  # the whole file, as training reads it: verify() alone misses truncated data
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             broken.append(f"{path}: {error}")
     if broken:

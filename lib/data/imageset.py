@@ -6,6 +6,25 @@ import torch
 from PIL import Image
 
 
+# Full scale of PIL's integer modes that convert("RGB") would clip at 255 (it casts, it does not rescale): 16-bit
+# grey ("I;16*"; a 16-bit PNG may also open as 32-bit "I", holding the same 0-65535 values).
+FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_rgb(image):
+    """An 8-bit RGB copy of a PIL image. 16-bit grey is rescaled to 0-255 (PIL's convert("RGB") would saturate
+    every value above 255 to white) and float grey ("F") in [0, 1] too; values outside the mode's range (an "I"
+    image beyond 16 bits, a float image outside [0, 1]) have no scale we can know, and are a ValueError."""
+    if image.mode not in FULL_SCALE and image.mode != "F":
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    high = FULL_SCALE.get(image.mode, 1.0)
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= high):
+        raise ValueError(f"a {image.mode} image with values in [{values.min():g}, {values.max():g}], outside "
+                         f"[0, {high:g}]: its scale is unknown; convert it to 8-bit")
+    return Image.fromarray(np.round(values * (255 / high)).astype(np.uint8), "L").convert("RGB")
+
+
 @dataclass
 class ImageSet(torch.utils.data.Dataset):
     """Labelled images with their domain (and a caption, when known).
@@ -34,8 +53,9 @@ class ImageSet(torch.utils.data.Dataset):
         if isinstance(self.images, torch.Tensor):
             return self.images[i]
         try:
-            image = Image.open(self.images[i]).convert("RGB")
-        except OSError as error:  # PIL's messages (e.g. "Truncated File Read") do not say which file
+            with Image.open(self.images[i]) as image:
+                image = to_rgb(image)
+        except (OSError, ValueError) as error:  # PIL's messages (e.g. "Truncated File Read") do not say which file
             raise OSError(f"Cannot read image {self.images[i]}: {error}") from error
         pixels = (self.border or {}).get(self.domains[i], 0)
         return image.crop((pixels, pixels, image.width - pixels, image.height - pixels)) if pixels else image

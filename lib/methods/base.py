@@ -12,7 +12,7 @@ own methods, modifiers and aliases with `register` and `alias`; lib.methods impo
 """
 import torch
 
-from ..checks import Number, check_number
+from ..checks import Number, check_number, check_templates
 from ..data import templates_for
 from ..train import Trained
 
@@ -42,6 +42,8 @@ class Method:
         self.hparams = {**defaults, **hparams}
         for name, rule in self.defaults("RANGES").items():
             check_number(self.name, name, self.hparams[name], rule)
+        if self.hparams["templates"] is not None:
+            check_templates(self.name, self.hparams["templates"])
 
     @classmethod
     def defaults(cls, attribute="HPARAMS"):
@@ -109,6 +111,8 @@ class Modifier(Method):
         self.seeded_start = base.seeded_start
         for name, rule in self.MODIFIER_RANGES.items():
             check_number(self.name, name, self.hparams[name], rule)
+        if self.hparams["templates"] is not None:
+            check_templates(self.name, self.hparams["templates"])
 
     def check_dataset(self, dataset):
         self.base.check_dataset(dataset)
