@@ -14,7 +14,8 @@ loss, gradients or weights stop being finite raises instead of being stored (lib
     >>> table = run_grid({"methods": ["ft", "clipood"], "seeds": [0, 1, 2], "budget": "default"})
 
 Under `torchrun --nproc_per_node=N -m lib.runner ...` every rank trains every run data-parallel
-(lib.train.finetune) and evaluates it (the same test set on every rank: simple, not faster); rank 0 alone writes.
+(lib.train.finetune) and evaluates it (each rank encodes its shard of the test set: lib.models.encode_images); rank 0
+alone writes. `--launcher slurm|local` submits one job per run instead (lib.launch, through submitit).
 """
 import argparse
 import contextlib
@@ -29,6 +30,7 @@ from pathlib import Path
 
 # torch, pandas and the rest of the lab are imported where they are needed, so that --help and usage errors are
 # instant (importing them takes seconds).
+from . import launch
 from .checks import Number, check_number
 from .notebooks import parse_value
 
@@ -361,6 +363,7 @@ def main(argv=None):
                              "(keep the classes every domain has), partial=true (a partial copy is intended)")
     parser.add_argument("--quick-gelu", type=parse_value, metavar="true|false",
                         help="the activation of open_clip models (default: decided by the weights)")
+    launch.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         grid = json.loads(args.grid.read_text()) if args.grid else {}
@@ -381,6 +384,14 @@ def main(argv=None):
         planned = prepare(grid, args.results_dir)
     except (ValueError, OSError) as error:  # a usage error: nothing has trained and nothing is written
         parser.error(str(error))
+    if args.launcher:  # one job per run (lib.launch); the table is then read from the store
+        failed = launch.main(args, *planned[:2], args.results_dir)
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(planned[1])} jobs failed (see above); run the same command "
+                             f"again: the runs stored are skipped and the others submitted again.")
+        print(summary_table(load_results(planned[0], args.results_dir),
+                            grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
+        return
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
