@@ -1,8 +1,8 @@
 """Sweeps beyond one process: `python -m lib.runner ... --launcher slurm|local` submits one job per run of the grid
 through submitit (Slurm, or its local executor on this machine), instead of training the runs one after another.
 
-Each job trains and stores its run exactly as `python -m lib.runner` would, through lib.runner.run_grid on a grid of
-that one run: the store, the flock claims and the atomic writes are unchanged, so a job that is killed leaves nothing
+Each job runs `python -m lib.runner` on a grid of its one run (lib.runner.grid_of), so it trains and stores the run
+exactly as the runner does: the store, the flock claims and the atomic writes are unchanged, so a job that is killed leaves nothing
 half-written, and running the same command again submits only the runs that have no result. On Slurm a job that is
 preempted or reaches its time limit is requeued by submitit (Checkpointable) and trains its run again from the start
 (runs are short; no checkpoint within a run). A job with several GPUs (--gpus-per-node N > 1) runs
@@ -33,32 +33,16 @@ def add_arguments(parser):
     group.add_argument("--log-dir", type=Path, help="submitit's logs and pickles (default: RESULTS_DIR/jobs)")
 
 
-def grid_of(run):
-    """The grid whose only run is `run` (lib.runner.expand(grid_of(run)) == [run]): every swept value as a list of
-    one, so that a value that is itself a list stays one value."""
-    from .runner import SIZES
-    grid = {key: value for key, value in run.items() if key not in ("method", "seed", "dataset", "hparams")}
-    grid.update(methods=[run["method"]], seeds=[run["seed"]], datasets=[run["dataset"]],
-                hparams={name: [value] for name, value in run["hparams"].items()})
-    grid.update({name: [run[name]] for name in SIZES if name in run})
-    return grid
-
-
 class RunJob:
-    """What one job does: train and store one run. Its `checkpoint` (submitit.helpers.Checkpointable's) makes
-    submitit requeue it, with the same arguments, when Slurm preempts it or its time runs out."""
+    """What one job does: `python -m lib.runner GRID_FILE` for a grid of one run, under `torchrun --standalone` when
+    the job has several GPUs. Its `checkpoint` (submitit.helpers.Checkpointable's) makes submitit requeue it, with
+    the same arguments, when Slurm preempts it or its time runs out."""
 
-    def __call__(self, run, results_dir, device, processes):
-        from .runner import run_grid, run_key
+    def __call__(self, grid_file, results_dir, device, processes):
+        command = ["-m", "lib.runner", grid_file, "--results-dir", results_dir, "--device", device]
         if processes > 1:
-            grid_file = Path(results_dir) / "jobs" / "grids" / f"{run_key(run)}.json"
-            grid_file.parent.mkdir(parents=True, exist_ok=True)
-            grid_file.write_text(json.dumps(grid_of(run), default=str))
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={processes}", "-m", "lib.runner", str(grid_file),
-                            "--results-dir", str(results_dir), "--device", device], check=True)
-        else:
-            run_grid(grid_of(run), results_dir, device, progress=False)
+            command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *command]
+        subprocess.run([sys.executable, *command], check=True)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -79,37 +63,32 @@ def executor(launcher, folder, gpus_per_node, partition=None, cpus_per_task=None
     return chosen
 
 
-def submit(todo, results_dir, launcher, device="auto", gpus_per_node=None, folder=None, **options):
-    """Submit one job per run of `todo` (lib.runner.prepare's runs without a result); returns [(run, job)].
-    gpus_per_node: None is 1 on Slurm and 0 locally; folder: submitit's logs (default results_dir/jobs); options:
-    executor's partition, cpus_per_task, timeout_min."""
+def submit(grids, results_dir, launcher, device="auto", gpus_per_node=None, folder=None, **options):
+    """Submit one job per grid of `grids` ({run key: a grid of that one run}, lib.runner.grid_of); returns the jobs.
+    gpus_per_node: None is 1 on Slurm and 0 locally; folder: submitit's logs and the grid files (default
+    results_dir/jobs); options: executor's partition, cpus_per_task, timeout_min."""
     if gpus_per_node is None:
         gpus_per_node = 1 if launcher == "slurm" else 0
-    chosen = executor(launcher, folder or Path(results_dir) / "jobs", gpus_per_node, **options)
+    folder = Path(folder or Path(results_dir) / "jobs")
+    chosen = executor(launcher, folder, gpus_per_node, **options)
+    files = []
+    for key, grid in grids.items():
+        files.append(folder / "grids" / f"{key}.json")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        files[-1].write_text(json.dumps(grid, default=str))
     with chosen.batch():  # on Slurm, one job array
-        jobs = [chosen.submit(RunJob(), run, str(results_dir), device, max(1, gpus_per_node)) for run in todo]
-    return list(zip(todo, jobs))
+        return [chosen.submit(RunJob(), str(file), str(results_dir), device, max(1, gpus_per_node)) for file in files]
 
 
-def wait(submitted, results_dir, poll_s=1.0):
-    """Wait for every job to end; returns the runs that have no stored result then (their job failed or was killed;
-    running the command again submits them, and only them, again). The store says whether a run is done, as it
-    does for the runner, not the job's state."""
-    from .runner import run_key
-    while not all(job.done() for _, job in submitted):
+def wait(jobs, poll_s=1.0):
+    """Wait until every job has ended, whichever way (lib.runner then asks its store which runs are done)."""
+    while not all(job.done() for job in jobs):
         time.sleep(poll_s)
-    failed = [(run, job) for run, job in submitted if not (Path(results_dir) / f"{run_key(run)}.csv").exists()]
-    for run, job in failed:
-        print(f"job {job.job_id} ({run['method']}, seed {run['seed']}) ended without storing its run; its log: "
-              f"{job.paths.stderr}", file=sys.stderr)
-    return [run for run, _ in failed]
 
 
-def main(args, runs, todo, results_dir):
-    """The runner's --launcher path: submit the runs still to do, wait for them, and return the runs that failed."""
-    submitted = submit(todo, results_dir, args.launcher, args.device, partition=args.partition,
-                       gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
-                       folder=args.log_dir)
-    print(f"{len(submitted)} job(s) submitted ({len(runs) - len(todo)} of {len(runs)} runs stored before); "
-          f"logs in {args.log_dir or Path(results_dir) / 'jobs'}", file=sys.stderr)
-    return wait(submitted, results_dir)
+def main(args, grids, results_dir):
+    """The runner's --launcher path: submit a job per grid and wait for them all."""
+    jobs = submit(grids, results_dir, args.launcher, args.device, args.gpus_per_node, args.log_dir,
+                  partition=args.partition, cpus_per_task=args.cpus_per_task, timeout_min=args.timeout)
+    print(f"{len(jobs)} job(s) submitted; logs in {jobs[0].paths.folder if jobs else args.log_dir}", file=sys.stderr)
+    wait(jobs)

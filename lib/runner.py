@@ -90,6 +90,16 @@ def _combinations(values):
     return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
 
 
+def grid_of(run):
+    """The grid whose only run is `run` (expand(grid_of(run)) == [run]): every swept value as a list of one, so
+    that a value that is itself a list stays one value. What lib.launch gives each job."""
+    grid = {key: value for key, value in run.items() if key not in ("method", "seed", "dataset", "hparams")}
+    grid.update(methods=[run["method"]], seeds=[run["seed"]], datasets=[run["dataset"]],
+                hparams={name: [value] for name, value in run["hparams"].items()})
+    grid.update({name: [run[name]] for name in SIZES if name in run})
+    return grid
+
+
 def run_key(run):
     """A short, stable hash of a run's parameters (key order does not matter). A checkpoint file given as
     `pretrained` counts by its content, so replaced weights never reuse the results of the old ones."""
@@ -385,10 +395,11 @@ def main(argv=None):
     except (ValueError, OSError) as error:  # a usage error: nothing has trained and nothing is written
         parser.error(str(error))
     if args.launcher:  # one job per run (lib.launch); the table is then read from the store
-        failed = launch.main(args, *planned[:2], args.results_dir)
-        if failed:
-            raise SystemExit(f"{len(failed)} of {len(planned[1])} jobs failed (see above); run the same command "
-                             f"again: the runs stored are skipped and the others submitted again.")
+        launch.main(args, {run_key(run): grid_of(run) for run in planned[1]}, args.results_dir)
+        missing = prepare(grid, args.results_dir)[1]
+        if missing:
+            raise SystemExit(f"{len(missing)} of {len(planned[1])} jobs ended without storing their run (their logs "
+                             f"say why); run the same command again: only those runs are submitted again.")
         print(summary_table(load_results(planned[0], args.results_dir),
                             grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
         return

@@ -16,7 +16,7 @@ def test_the_grid_of_a_run_expands_to_that_run_alone():
                           "dataset_options": {"partial": True}})
     assert len(runs) == 4
     for run in runs:
-        assert runner.expand(launch.grid_of(run)) == [run]
+        assert runner.expand(runner.grid_of(run)) == [run]
 
 
 def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, monkeypatch):
@@ -24,17 +24,18 @@ def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     results = tmp_path / "results"
     runs, todo, _ = runner.prepare(GRID, results)
-    submitted = launch.submit(todo, results, "local", device="cpu", timeout_min=5)
-    assert len(submitted) == 2
-    killed, job = submitted[1]
-    job.cancel()  # at once: long before its process has imported torch, let alone stored its run
-    assert launch.wait(submitted, results, poll_s=0.2) == [killed]
-    keys = {runner.run_key(run) for run in runs}
-    assert {p.stem for p in results.glob("*.csv")} == keys - {runner.run_key(killed)}
+    grids = {runner.run_key(run): runner.grid_of(run) for run in todo}
+    jobs = launch.submit(grids, results, "local", device="cpu", timeout_min=5)
+    assert len(jobs) == 2
+    jobs[1].cancel()  # at once: long before its runner has imported torch, let alone stored its run
+    launch.wait(jobs, poll_s=0.2)
+    keys = list(grids)
+    assert {p.stem for p in results.glob("*.csv")} == {keys[0]}
 
     _, todo, _ = runner.prepare(GRID, results)
-    assert todo == [killed]  # what is stored is never submitted again
-    assert launch.wait(launch.submit(todo, results, "local", device="cpu", timeout_min=5), results, poll_s=0.2) == []
+    assert [runner.run_key(run) for run in todo] == [keys[1]]  # what is stored is never submitted again
+    launch.wait(launch.submit({keys[1]: runner.grid_of(todo[0])}, results, "local", device="cpu", timeout_min=5),
+                poll_s=0.2)
     assert sorted(p.stem for p in results.glob("*.csv")) == sorted(keys)  # each once, under its own key
     assert sorted(p.stem for p in results.glob("*.json")) == sorted(keys)
     assert not list(results.glob("*.tmp")) and not list(results.glob("*.lock"))
