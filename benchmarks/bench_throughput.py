@@ -131,7 +131,7 @@ def loader_rate(files, batch_size, batches, workers, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="ViT-B-16", help="an open_clip name (random weights)")
+    parser.add_argument("--model", default="ViT-B-16", help="an open_clip name (random weights), or mini")
     parser.add_argument("--methods", nargs="+", default=["ft"], choices=["ft", "flyp"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is dropped)")
@@ -145,8 +145,9 @@ def main(argv=None):
         # At most 256 distinct files, read over and over: each read is decoded again, as in training.
         paths = fabricate_jpegs(folder, min(256, args.batch_size * args.loader_batches))
         sizes = [Path(p).stat().st_size for p in paths]
-        print(f"{len(paths)} JPEGs of 500x375, {np.mean(sizes) / 1e3:.0f} KB on average; {args.model} (random "
-              f"weights) at {model.visual.image_size[0]} px on {device}, batch {args.batch_size}")
+        weights = "the committed weights" if args.model == "mini" else "random weights"
+        print(f"{len(paths)} JPEGs of 500x375, {np.mean(sizes) / 1e3:.0f} KB on average; {args.model} ({weights}) "
+              f"at {model.visual.image_size[0]} px on {device}, batch {args.batch_size}")
         files = image_set([paths[i % len(paths)] for i in range(args.batch_size * args.loader_batches)], preprocess)
         rates = {0: loader_rate(files, args.batch_size, args.loader_batches, 0, device)}
         for workers in args.workers:

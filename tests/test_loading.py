@@ -103,3 +103,16 @@ def test_fine_tuning_takes_the_same_steps_with_and_without_workers(random_mini_s
     assert runs[0].history == runs[1].history
     for name, value in runs[0].model.state_dict().items():
         assert torch.equal(runs[1].model.state_dict()[name], value), name
+
+
+def test_the_throughput_benchmark_ends_with_its_ratio_line(capsys, one_intra_op_thread):
+    import importlib.util
+    import re
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "mini", "--batch-size", "2", "--steps", "2", "--repeats", "1", "--loader-batches", "2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"ratio lab/bare \d+\.\d{3} loader 2-workers/0-workers \d+\.\d{3}", last), last
