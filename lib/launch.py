@@ -2,10 +2,10 @@
 through submitit (Slurm, or its local executor on this machine), instead of training the runs one after another.
 
 Each job runs `python -m lib.runner` on a grid of its one run (lib.runner.grid_of), so it trains and stores the run
-exactly as the runner does: the store, the flock claims and the atomic writes are unchanged, so a job that is killed leaves nothing
-half-written, and running the same command again submits only the runs that have no result. On Slurm a job that is
-preempted or reaches its time limit is requeued by submitit (Checkpointable) and trains its run again from the start
-(runs are short; no checkpoint within a run). A job with several GPUs (--gpus-per-node N > 1) runs
+exactly as the runner does: the store, the flock claims and the atomic writes are unchanged, so a job that is killed
+leaves nothing half-written, and running the same command again submits only the runs that have no result. On Slurm
+a job that is preempted or reaches its time limit is requeued by submitit (RunJob.checkpoint) and trains its run
+again from the start (no checkpoint within a run). A job with several GPUs (--gpus-per-node N > 1) runs
 `torchrun --standalone --nproc_per_node=N -m lib.runner` on its node (lib.train.finetune is data-parallel there); a
 job spans one node. Everything the runner checks before training is checked once, before anything is submitted.
 """
@@ -76,8 +76,11 @@ def submit(grids, results_dir, launcher, device="auto", gpus_per_node=None, fold
         files.append(folder / "grids" / f"{key}.json")
         files[-1].parent.mkdir(parents=True, exist_ok=True)
         files[-1].write_text(json.dumps(grid, default=str))
+    if not files:
+        return []
     with chosen.batch():  # on Slurm, one job array
-        return [chosen.submit(RunJob(), str(file), str(results_dir), device, max(1, gpus_per_node)) for file in files]
+        jobs = [chosen.submit(RunJob(), str(file), str(results_dir), device, max(1, gpus_per_node)) for file in files]
+    return jobs
 
 
 def wait(jobs, poll_s=1.0):

@@ -81,7 +81,7 @@ class GlobalBatches(torch.utils.data.Sampler):
     drop_last=True, generator=torch.Generator().manual_seed(seed))` iterated epoch after epoch: each epoch drew
     from that generator first its workers' base seed (DataLoader's iterator), then torch's RandomSampler its
     permutation (and one more, discarded, when the epoch ended), which is what happens here, so every seed keeps
-    the batches of the committed results, whatever the number of workers or ranks (tests/test_train.py)."""
+    the batches of the committed results, whatever the number of workers or ranks (tests/test_loading.py)."""
 
     def __init__(self, n, batch_size, seed, rank=0, world=1):
         if batch_size > n:  # drop_last would leave no batch at all, and the loop would never yield
@@ -98,10 +98,10 @@ class GlobalBatches(torch.utils.data.Sampler):
                 yield batch[self.rank::self.world]
 
 
-def _batches(dataset, batch_size, seed, num_workers=None, device="cpu", num_batches=2, rank=0, world=1):
+def _batches(dataset, batch_size, seed, num_workers=None, device="cpu", num_batches=math.inf, rank=0, world=1):
     """Rank `rank`'s part of shuffled full global batches (GlobalBatches) as (images, labels, indices), forever.
-    num_workers: loader processes (None: lib.models.default_num_workers); num_batches: how many will be drawn (a
-    single one starts no worker)."""
+    num_workers: loader processes (None: lib.models.default_num_workers); num_batches: how many will be drawn, when
+    known (a single one starts no worker)."""
     sampler = GlobalBatches(len(dataset), batch_size, seed, rank, world)
     if num_workers is None:
         num_workers = default_num_workers(dataset)
