@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .models import data_loader
 from .sparse import _encoder_and_block
 
 # The modules whose outputs are a block's output (the same blocks as _encoder_and_block's parameter groups).
@@ -114,9 +115,10 @@ def block_outputs(model, images=None, tokens=None, batch_size=256):
     was_training = model.training
     model.eval()
     try:
-        if images is not None:
-            for batch, _ in torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False):
-                model.encode_image(batch.to(device))
+        if images is not None:  # loader workers decode files (lib.models.data_loader)
+            loader = data_loader(images, device, None, -(-len(images) // batch_size), batch_size=batch_size)
+            for batch, _ in loader:
+                model.encode_image(batch.to(device, non_blocking=device.type == "cuda"))
         if tokens is not None:
             model.encode_text(tokens.to(device))
     finally:

@@ -1,4 +1,5 @@
-"""Loading CLIP models (open_clip by name, or the project's own mini-CLIP) and zero-shot heads."""
+"""Loading CLIP models (open_clip by name, or the project's own mini-CLIP), zero-shot heads, and the data loader
+every loop of the lab uses (workers, pinned memory, evaluation sharded over ranks)."""
 import contextlib
 import json
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
@@ -98,13 +100,17 @@ def mini_preprocess(image):
     return TF.normalize(image, MINI_MEAN, MINI_STD)
 
 
-def _tensor_friendly(preprocess):
-    """open_clip's transforms expect PIL images; ShapeWorld gives tensors."""
-    def apply(image):
+class _TensorFriendly:
+    """open_clip's transforms expect PIL images; ShapeWorld gives tensors. A class, not a closure, so that loader
+    workers started by spawn (macOS, Windows) can unpickle it."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def __call__(self, image):
         if isinstance(image, torch.Tensor):
             image = TF.to_pil_image(image)
-        return preprocess(image)
-    return apply
+        return self.preprocess(image)
 
 
 def load_clip(name, pretrained=None, device="auto", quick_gelu=None):
@@ -277,7 +283,7 @@ def _load_open_clip(name, pretrained, quick_gelu=None):
             f"Could not load {name} with pretrained={pretrained!r}: {error}. Nothing is downloaded at run time "
             "unless open_clip can reach its hub; on an offline machine download the weights elsewhere and "
             "pass the checkpoint's path as `pretrained`.") from error
-    return model, _tensor_friendly(preprocess), open_clip.get_tokenizer(name)
+    return model, _TensorFriendly(preprocess), open_clip.get_tokenizer(name)
 
 
 def mini_info():
@@ -306,16 +312,59 @@ def zeroshot_head(model, tokenizer, classnames, templates=SHAPEWORLD_TEMPLATES):
     return features.float()
 
 
+def rank_and_world():
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def default_num_workers(dataset):
+    """Loader worker processes per rank when none are asked for: none for images held in memory as tensors
+    (ShapeWorld: nothing to decode, and a worker would only add copies between processes); otherwise one per CPU
+    this process may run on (os.sched_getaffinity, shared among the ranks of this machine under torchrun), less
+    one for the training loop, at most 8 (decoding JPEGs at 224 px for one GPU needs about that many)."""
+    if isinstance(getattr(dataset, "images", None), torch.Tensor):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, cpus - 1))
+
+
+def data_loader(dataset, device, num_workers, num_batches, **options):
+    """torch's DataLoader as the lab's loops use it: `num_workers` processes decode (None: default_num_workers),
+    each keeping two batches prefetched (torch's default) and living as long as the loader; pinned memory on CUDA,
+    so that copies with non_blocking=True overlap the computation. Workers start only when there are at least two
+    of the `num_batches` batches to load, and never more than there are batches: one batch gains nothing from
+    a worker but its start-up."""
+    if num_workers is None:
+        num_workers = default_num_workers(dataset)
+    num_workers = min(num_workers, num_batches) if num_batches > 1 else 0
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
+                                       pin_memory=torch.device(device).type == "cuda", **options)
+
+
 @torch.no_grad()
-def encode_images(model, dataset, batch_size=512, progress=False):
-    """L2-normalized image features [N, D] of a dataset that yields (model input, label)."""
+def encode_images(model, dataset, batch_size=512, progress=False, num_workers=None):
+    """L2-normalized image features [N, D] (float32, on the CPU) of a dataset that yields (model input, label).
+
+    Under torch.distributed each rank encodes one contiguous shard of the dataset and the shards are gathered, so
+    every rank returns the features of all N images, in order (every rank must call it, as lib.runner's do).
+    num_workers: loader worker processes (None: default_num_workers)."""
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    rank, world = rank_and_world()
+    shard = torch.arange(len(dataset)).tensor_split(world)[rank].tolist()
+    if num_workers is None:
+        num_workers = default_num_workers(dataset)
+    part = dataset if world == 1 else torch.utils.data.Subset(dataset, shard)
+    loader = data_loader(part, device, num_workers, -(-len(shard) // batch_size), batch_size=batch_size)
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     features = []
     for images, _ in tqdm(loader, desc="encode images", disable=not progress, leave=False):
         with autocast(device):
-            features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+            features.append(model.encode_image(images.to(device, non_blocking=cuda), normalize=True).float().cpu())
     model.train(was_training)
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, features)
+        features = [batch for shard_features in shards for batch in shard_features]
     return torch.cat(features)

@@ -18,7 +18,8 @@ results folder), and a run whose loss, gradients or weights stop being finite ra
     >>> table = run_grid({"methods": ["ft", "clipood"], "seeds": [0, 1, 2], "budget": "default"})
 
 Under `torchrun --nproc_per_node=N -m lib.runner ...` every rank trains every run data-parallel
-(lib.train.finetune) and evaluates it (the same test set on every rank: simple, not faster); rank 0 alone writes.
+(lib.train.finetune) and evaluates it (each rank encodes its shard of the test set: lib.models.encode_images); rank 0
+alone writes. `--launcher slurm|local` submits one job per run instead (lib.launch, through submitit).
 """
 import argparse
 import ast
@@ -41,6 +42,7 @@ from pathlib import Path
 
 # torch, pandas and the rest of the lab are imported where they are needed, so that --help and usage errors are
 # instant (importing them takes seconds).
+from . import launch
 from .checks import SEED, Number, check_number, parse_value
 
 # A run's size: the budget's values unless the grid sets them (None = the budget's).
@@ -103,6 +105,16 @@ def _combinations(values):
     names = sorted(values)
     choices = [values[n] if isinstance(values[n], list) else [values[n]] for n in names]
     return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+def grid_of(run):
+    """The grid whose only run is `run` (expand(grid_of(run)) == [run]): every swept value as a list of one, so
+    that a value that is itself a list stays one value. What lib.launch gives each job."""
+    grid = {key: value for key, value in run.items() if key not in ("method", "seed", "dataset", "hparams")}
+    grid.update(methods=[run["method"]], seeds=[run["seed"]], datasets=[run["dataset"]],
+                hparams={name: [value] for name, value in run["hparams"].items()})
+    grid.update({name: [run[name]] for name in SIZES if name in run})
+    return grid
 
 
 def run_key(run):
@@ -540,6 +552,7 @@ def main(argv=None):
                              "(ImageNet), cross_dataset='[\"DTD\"]', class_folders=intersection, partial=true")
     parser.add_argument("--quick-gelu", type=parse_value, metavar="true|false",
                         help="the activation of open_clip models (default: decided by the weights)")
+    launch.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         grid = json.loads(args.grid.read_text()) if args.grid else {}
@@ -563,6 +576,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\nInterrupted before training; nothing was stored. Run it again: {_command(argv)}", file=sys.stderr)
         sys.exit(130)
+    if args.launcher:  # one job per run (lib.launch); the table is then read from the store
+        launch.main(args, {run_key(run): grid_of(run) for run in planned[1]}, args.results_dir)
+        missing = prepare(grid, args.results_dir, device=args.device)[1]
+        if missing:
+            raise SystemExit(f"{len(missing)} of {len(planned[1])} jobs ended without storing their run (their logs "
+                             f"say why); run the same command again: only those runs are submitted again.")
+        print(summary_table(load_results(planned[0], args.results_dir),
+                            grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
+        return
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checks import check_number
-from .models import autocast, pick_device
+from .models import autocast, data_loader, default_num_workers, pick_device, rank_and_world
 
 
 def set_seed(seed):
@@ -73,30 +73,72 @@ class _Indexed(torch.utils.data.Dataset):
         return image, label, i
 
 
-def _batches(dataset, batch_size, seed, num_workers):
-    """Shuffled full batches of (images, labels, indices), epoch after epoch, forever."""
-    if batch_size > len(dataset):  # drop_last would leave no batch at all, and the loop below would never yield
-        raise ValueError(f"batch size {batch_size} is larger than the {len(dataset)} training images; cap it first")
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size,
-                                         shuffle=True, drop_last=True, generator=generator,
-                                         num_workers=num_workers, persistent_workers=num_workers > 0)
-    while True:
-        yield from loader
+class GlobalBatches(torch.utils.data.Sampler):
+    """Rank `rank`'s part, [rank::world], of shuffled full global batches of indices into n items, epoch after
+    epoch, forever: a batch sampler, so that each rank's loader reads and decodes only its own share.
+
+    The global batches are those of the loop the lab always had, `DataLoader(dataset, batch_size, shuffle=True,
+    drop_last=True, generator=torch.Generator().manual_seed(seed))` iterated epoch after epoch: each epoch drew
+    from that generator first its workers' base seed (DataLoader's iterator), then torch's RandomSampler its
+    permutation (and one more, discarded, when the epoch ended), which is what happens here, so every seed keeps
+    the batches of the committed results, whatever the number of workers or ranks (tests/test_loading.py)."""
+
+    def __init__(self, n, batch_size, seed, rank=0, world=1):
+        if batch_size > n:  # drop_last would leave no batch at all, and the loop would never yield
+            raise ValueError(f"batch size {batch_size} is larger than the {n} training images; cap it first")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        epoch = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(self.n), generator=generator),
+                                              self.batch_size, drop_last=True)
+        while True:
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
+            for batch in epoch:
+                yield batch[self.rank::self.world]
+
+
+def _batches(dataset, batch_size, seed, num_workers=None, device="cpu", num_batches=math.inf, rank=0, world=1):
+    """Rank `rank`'s part of shuffled full global batches (GlobalBatches) as (images, labels, indices), forever.
+    num_workers: loader processes (None: lib.models.default_num_workers); num_batches: how many will be drawn, when
+    known (a single one starts no worker)."""
+    sampler = GlobalBatches(len(dataset), batch_size, seed, rank, world)
+    if num_workers is None:
+        num_workers = default_num_workers(dataset)
+    # The loader's own generator only seeds its workers; giving it one keeps torch's global random state untouched.
+    yield from data_loader(_Indexed(dataset), device, num_workers, num_batches, batch_sampler=sampler,
+                           generator=torch.Generator().manual_seed(seed))
+
+
+class _StepLoss(torch.nn.Module):
+    """A method's loss as a module's forward, so that DistributedDataParallel sees the forward pass it wraps
+    (methods call model.encode_image and encode_text themselves, which would bypass DDP's forward)."""
+
+    def __init__(self, model, method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, images, labels, indices):
+        return self.method.loss(self.model, images, labels, indices)
 
 
 def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device="auto", progress=True,
-             num_workers=0):
+             num_workers=None):
     """Fine-tune a copy of `model` on `train_set` (an ImageSet with the model's transform) with `method`.
 
     method: a Method, e.g. lib.methods.get_method("mms+bma", lam=0.3); num_steps, when given, overrides its own
     (and is recorded on it). Returns a Trained; the caller's model is never modified.
 
-    Data-parallel under torch.distributed (torchrun; nccl on GPUs, gloo on the CPU): every rank draws the same
-    global batch, computes the loss on its 1/world_size share, and gradients are averaged across ranks before the
-    method's hooks and clipping. For losses that are means over examples (ft, mms, ce, ...) a step is then the
-    single-process step on the global batch, up to float rounding. The contrastive losses of flyp and arf gather
-    the features of every rank (open_clip's gather_features), so they too see the global batch's negatives.
+    num_workers: loader worker processes per rank (None: lib.models.default_num_workers; 0 loads in this process).
+    The batches are the same whatever it is (GlobalBatches).
+
+    Data-parallel under torch.distributed (torchrun; nccl on GPUs, gloo on the CPU): each rank loads its 1/world_size
+    share of the global batch one process would draw, computes the loss on it, and torch's DistributedDataParallel
+    averages the gradients (bucketed all-reduces that overlap the backward pass) before the method's hooks and
+    clipping. For losses that are means over examples (ft, mms, ce, ...) a step is then the single-process step on
+    the global batch, up to float rounding. The contrastive losses of flyp and arf gather the features of every rank
+    (open_clip's gather_features), so they too see the global batch's negatives; each rank's loss is then the global
+    one and DDP's mean of the gradients is the one-process gradient. The history is the loss averaged over ranks.
     """
     if num_steps is not None:  # what runs is what the method records
         check_number(method.name, "num_steps", num_steps, method.defaults("RANGES")["num_steps"])
@@ -117,23 +159,31 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     optimizer = method.make_optimizer(named)
     scheduler = cosine_schedule(optimizer, num_steps, method.hparams["warmup_steps"])
     params = [p for _, p in named]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     batch_size = min(method.hparams["batch_size"], len(train_set))
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} does not split over {world} processes: set batch_size to a "
                          f"multiple of {world} (it is capped at the {len(train_set)} training images).")
-    batches = _batches(train_set, batch_size, seed, num_workers)
-    history = []
+    batches = _batches(train_set, batch_size, seed, num_workers, device, num_steps, rank, world)
     train_mode(model)
+    step_loss = _StepLoss(model, method)
+    if world > 1:
+        # Buffers are not broadcast at each forward: BatchNorm statistics stay frozen (train_mode), so no buffer
+        # changes during training.
+        step_loss = torch.nn.parallel.DistributedDataParallel(step_loss, broadcast_buffers=False)
+    cuda = device.type == "cuda"
+    history = []
     for step in tqdm(range(num_steps), desc=f"{method.name} (seed {seed})", disable=not progress or rank > 0,
                      leave=False):
-        images, labels, indices = (part[rank::world] for part in next(batches))
+        images, labels, indices = next(batches)
         with autocast(device):
-            loss = method.loss(model, images.to(device), labels.to(device), indices)
+            loss = step_loss(images.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda), indices)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            loss = _average_over_ranks(loss.detach(), [p.grad for p in params if p.grad is not None])
+        if world > 1:  # the global batch's loss, for the history (DDP has averaged the gradients)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
         method.before_clip(model)
         # The norm is needed for the guard even without clipping (an infinite bound leaves the gradients as they are).
         norm = torch.nn.utils.clip_grad_norm_(params, method.hparams["grad_clip"] or math.inf)
@@ -164,15 +214,3 @@ def _likely_cause(method):
             f"{method.hparams['lr']}; the papers use 1e-5 to 1e-4) or an extreme hyperparameter among "
             f"{ {k: v for k, v in method.hparams.items() if k != 'templates'} }: lower lr (or set grad_clip) and "
             f"run it again.")
-
-
-def _average_over_ranks(loss, grads):
-    """Average the gradients (in place) and the loss over all ranks, in one all_reduce of one flat buffer (one
-    message instead of one per tensor, as DDP's buckets); returns the averaged loss."""
-    tensors = [loss.reshape(1), *grads]
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        tensor.copy_(part.view_as(tensor))
-    return loss

@@ -1,5 +1,6 @@
 """Data-parallel fine-tuning (lib.train.finetune under torch.distributed): two gloo processes on the CPU take
-the same steps as one process on the same global batches, and `torchrun -m lib.runner` writes rank 0's results."""
+the same steps as one process on the same global batches, each reading only its share of them; evaluation
+sharded over the processes gives the one-process table; and `torchrun -m lib.runner` writes rank 0's results."""
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 
 from lib import models, runner
 from lib.data import shapeworld as sw
-from lib.evaluate import BIN_COLUMNS
+from lib.evaluate import BIN_COLUMNS, evaluate
 from lib.methods import get_method
 from lib.train import finetune
 
@@ -35,14 +36,45 @@ def tiny_run(method, **overrides):
                     tokenizer, seed=0, progress=False)
 
 
+class CountedTransform:
+    """mini-CLIP's transform, counting the images it is applied to: the images this process reads."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, image):
+        self.count += 1
+        return models.mini_preprocess(image)
+
+
+def tiny_test_set():
+    return sw.make_split("ddp-test", domains=["photo", "sketch"], classes=sw.CLASSES, n_per_class=1) \
+        .subset(range(len(sw.CLASSES) * 2 - 1)).with_transform(models.mini_preprocess)  # an odd number of images
+
+
+def tiny_evaluation():
+    model, _, tokenizer = models.load_clip("mini", device="cpu")
+    return evaluate(model, tokenizer, tiny_test_set(), groups={"base": sw.BASE_CLASSES, "new": sw.NEW_CLASSES},
+                    reliability=True)
+
+
 def worker(rank, world, port, out):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         runs = {method: tiny_run(method, **hparams) for method, hparams in METHODS.items()}
+        counted = CountedTransform()  # ft reads no image outside its steps
+        model, _, tokenizer = models.load_clip("mini", device="cpu")
+        train = sw.make_split("ddp-train", domains=["photo"], classes=sw.BASE_CLASSES, n_per_class=4)
+        finetune(model, get_method("ft", **STEPS), train.with_transform(counted), tokenizer, progress=False,
+                 num_workers=0)
+        reads = [None] * world
+        dist.all_gather_object(reads, counted.count)
+        table = tiny_evaluation()
         if rank == 0:
-            torch.save({m: {"state": r.model.state_dict(), "history": r.history} for m, r in runs.items()}, out)
+            torch.save({"runs": {m: {"state": r.model.state_dict(), "history": r.history} for m, r in runs.items()},
+                        "reads": reads, "table": table.to_dict("list")}, out)
     finally:
         dist.destroy_process_group()
 
@@ -53,10 +85,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_take_the_steps_of_one_process(tmp_path, one_intra_op_thread):
-    out = tmp_path / "rank0.pt"
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """What rank 0 of two gloo processes saved (one spawn for every test of the module)."""
+    out = tmp_path_factory.mktemp("ddp") / "rank0.pt"
     mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
-    parallel = torch.load(out, weights_only=True)
+    return torch.load(out, weights_only=False)
+
+
+def test_each_process_reads_only_its_share_of_the_global_batches(two_processes):
+    assert two_processes["reads"] == [STEPS["num_steps"] * STEPS["batch_size"] // 2] * 2
+
+
+def test_evaluation_sharded_over_two_processes_is_the_one_process_table(two_processes, one_intra_op_thread):
+    single = tiny_evaluation()
+    sharded = pd.DataFrame(two_processes["table"])
+    assert len(single) == 2 * 2 and single.n.sum() == len(tiny_test_set())  # every image of every domain counted
+    pd.testing.assert_frame_equal(sharded.drop(columns=list(BIN_COLUMNS)), single.drop(columns=list(BIN_COLUMNS)),
+                                  rtol=1e-5)
+    for column in BIN_COLUMNS:
+        np.testing.assert_allclose(np.array(sharded[column].map(json.loads).tolist()),
+                                   np.array(single[column].map(json.loads).tolist()), atol=1e-5)
+
+
+def test_two_gloo_processes_take_the_steps_of_one_process(two_processes, one_intra_op_thread):
+    parallel = two_processes["runs"]
     pretrained = models.load_clip("mini", device="cpu")[0].state_dict()
     # Adam divides by sqrt(v): on entries with near-zero gradients, rounding differences of the all-reduce grow, to
     # about 4e-5 on mini-CLIP 2's ViT under flyp. Two percent of the largest possible total update (lr per step)
