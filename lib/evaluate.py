@@ -5,13 +5,14 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 import torch
+from sklearn.metrics import f1_score
 
 from .data import templates_for
 from .models import encode_images, zeroshot_head
 
 
 def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, temperature=1.0,
-             scaled_temperature=None, reliability=False, **labels):
+             scaled_temperature=None, reliability=False, metrics=(), **labels):
     """Accuracy and calibration per domain and class group as a DataFrame (labels, domain, group, n, accuracy,
     ece).
 
@@ -28,7 +29,8 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
     adds a column ece_scaled, the ECE at that temperature, so that one pass reports a model before and after
     temperature scaling. reliability=True adds the reliability bins (RELIABILITY_BINS of them) as JSON lists,
     bin_count, bin_confidence_sum and bin_correct_sum: sums, so that rows of several domains or seeds pool
-    exactly (pooled_reliability), which is how the runner stores them.
+    exactly (pooled_reliability), which is how the runner stores them. metrics: names of METRICS (e.g. a
+    benchmark's `metrics`, WILDS's macro_f1 or worst_region_accuracy), one column each, over the row's images.
     """
     groups = groups or {"all": list(dataset.classnames)}
     features = encode_images(model, dataset)
@@ -53,6 +55,9 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
             if known:
                 row["accuracy"] = float((logits[here].argmax(-1) == local[here]).double().mean())
                 row["ece"] = expected_calibration_error(probs[here], local[here])
+            for name in metrics:
+                row[name] = (METRICS[name](logits[here].argmax(-1).cpu().numpy(), local[here].numpy(),
+                                           _rows_metadata(dataset, in_group, here)) if known else float("nan"))
             if scaled_temperature is not None:
                 row["ece_scaled"] = expected_calibration_error(scaled[here], local[here]) if known else float("nan")
             if reliability:
@@ -62,6 +67,33 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
                             for name, values in zip(BIN_COLUMNS, sums)})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def macro_f1(predictions, labels):
+    """WILDS's iWildCam metric: the F1 score of each class present among the labels, averaged (scikit-learn's
+    f1_score, average="macro", labels=the labels present); a class only predicted lowers the others' precision."""
+    labels = np.asarray(labels)
+    return float(f1_score(labels, predictions, average="macro", labels=np.unique(labels), zero_division=0))
+
+
+def worst_group_accuracy(predictions, labels, groups, exclude=()):
+    """The lowest accuracy over the groups present (WILDS's FMoW worst-region accuracy: the groups are regions and
+    "Other" is excluded, wilds/datasets/fmow_dataset.py); NaN when no item is left."""
+    frame = pd.DataFrame({"correct": np.asarray(predictions) == np.asarray(labels), "group": np.asarray(groups)})
+    frame = frame[~frame.group.isin(list(exclude))]
+    return float(frame.groupby("group").correct.mean().min()) if len(frame) else float("nan")
+
+
+# Metrics a benchmark may ask evaluate for (Benchmark.metrics): f(predictions, labels, metadata of those items).
+METRICS = {"macro_f1": lambda predictions, labels, metadata: macro_f1(predictions, labels),
+           "worst_region_accuracy": lambda predictions, labels, metadata: worst_group_accuracy(
+               predictions, labels, metadata["region"], exclude=("Other",))}
+
+
+def _rows_metadata(dataset, in_group, here):
+    """The dataset's per-item metadata of the items of a table row (in the group, then in the row's domain)."""
+    return {name: np.asarray(values)[in_group.numpy()][here.numpy()]
+            for name, values in (dataset.metadata or {}).items()}
 
 
 def _group_logits(model, tokenizer, dataset, features, classes, head, templates):
@@ -195,9 +227,10 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
     domains) and hm, the harmonic mean of base and new. When the results have an ece column (tables stored
     before it existed have none), id_ece, domain_shift_ece and new_ece are the same means of the per-domain ECE
     (our choice: a mean over domains like the accuracies, not the ECE of the pooled images); likewise
-    id_ece_scaled, ... from an ece_scaled column (after temperature scaling)."""
+    id_ece_scaled, ... from an ece_scaled column (after temperature scaling), and id_macro_f1, ... from the
+    columns of METRICS (WILDS: one test domain each side, so the mean is the split's value)."""
     keys = [k for k in ("method", "seed") if k in results.columns]
-    calibration = [c for c in ("ece", "ece_scaled") if c in results.columns]
+    calibration = [c for c in ("ece", "ece_scaled", *METRICS) if c in results.columns]
 
     def per_run(frame):
         base = frame[frame.group == base_group]

@@ -90,7 +90,7 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
         temperature = fit_temperature(*class_logits(trained.model, tokenizer, bench.validation, head=trained.head,
                                                     templates=templates))
     table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
-                     templates=templates, scaled_temperature=temperature, reliability=True)
+                     templates=templates, scaled_temperature=temperature, reliability=True, metrics=bench.metrics)
     if temperature is not None:
         table["temperature"] = temperature
     return table, trained

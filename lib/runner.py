@@ -118,6 +118,7 @@ def validate(runs):
     hyperparameter (at the run's own num_steps and batch_size), what a method needs from a dataset (e.g. arf's
     captions on folders), budgets and sizes, models and checkpoint files, dataset folders and train domains.
     (prepare then loads the folder datasets, which checks their images.)"""
+    from .data import wilds
     from .methods import get_method
     from .models import check_model
     size_rule = Number(1, integer=True, why="a run's size; a list of them is a sweep")
@@ -133,7 +134,14 @@ def validate(runs):
         if (run["model_name"], run["pretrained"]) not in models_checked:  # a checkpoint file is read once
             check_model(run["model_name"], run["pretrained"])
             models_checked.add((run["model_name"], run["pretrained"]))
-        if run["dataset"] != "shapeworld":
+        if run["dataset"] in wilds.FOLDERS:  # a release folder, not the DomainBed layout
+            if run["data_root"] is None:
+                raise ValueError(f"dataset {run['dataset']!r} is read from disk: set data_root.\n"
+                                 f"{wilds.LAYOUT.format(root='data_root')}")
+            wilds.folder(run["dataset"], run["data_root"])
+            if run["train_domains"] != ["id"]:
+                raise ValueError(f"{run['dataset']} trains on its ID split: set train_domains to ['id'].")
+        elif run["dataset"] != "shapeworld":
             if run["data_root"] is None:
                 raise ValueError(f"dataset {run['dataset']!r} is read from disk: set data_root to the folder that "
                                  f"holds {run['dataset']}/<domain>/<class>/<image> (DomainBed layout).")

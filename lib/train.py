@@ -78,8 +78,13 @@ def _batches(dataset, batch_size, seed, num_workers):
     if batch_size > len(dataset):  # drop_last would leave no batch at all, and the loop below would never yield
         raise ValueError(f"batch size {batch_size} is larger than the {len(dataset)} training images; cap it first")
     generator = torch.Generator().manual_seed(seed)
+    # Group-balanced data (e.g. WILDS, lib.data.wilds) carries per-item weights: an epoch is then len(dataset) draws
+    # with replacement, each item with probability proportional to its weight (WILDS's uniform_over_groups).
+    weights = (getattr(dataset, "metadata", None) or {}).get("weight")
+    sampler = None if weights is None else torch.utils.data.WeightedRandomSampler(
+        torch.tensor(weights, dtype=torch.double), len(dataset), replacement=True, generator=generator)
     loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=batch_size,
-                                         shuffle=True, drop_last=True, generator=generator,
+                                         shuffle=sampler is None, sampler=sampler, drop_last=True, generator=generator,
                                          num_workers=num_workers, persistent_workers=num_workers > 0)
     while True:
         yield from loader

@@ -1,7 +1,7 @@
-"""Data: ShapeWorld (embedded) and DomainBed-layout folders (real), behind one `load_benchmark`."""
+"""Data: ShapeWorld (embedded), DomainBed-layout folders and the WILDS releases (real), behind one `load_benchmark`."""
 from dataclasses import dataclass
 
-from . import folders, shapeworld
+from . import folders, shapeworld, wilds
 from .imageset import ImageSet
 
 
@@ -26,6 +26,8 @@ class Benchmark:
     # ID validation: base classes of the training domains, images not trained or tested on (temperature scaling,
     # choosing WiSE-FT's mixing coefficient). Empty when a folder dataset has no images left (n_train_per_class=None).
     validation: ImageSet = None
+    # Metrics beyond accuracy that the dataset reports (lib.evaluate's METRICS names), e.g. WILDS's macro-F1.
+    metrics: tuple = ()
 
     @property
     def templates(self):
@@ -34,17 +36,19 @@ class Benchmark:
 
     @property
     def groups(self):
-        return {"base": self.base_classes, "new": self.new_classes}
+        """The class groups to evaluate, each among its own classes; an empty group (closed-set data) is left out."""
+        return {name: classes for name, classes in (("base", self.base_classes), ("new", self.new_classes))
+                if classes}
 
     def with_transform(self, transform):
         return Benchmark(self.name, self.train.with_transform(transform), self.test.with_transform(transform),
                          self.train_domains, self.domains, self.base_classes, self.new_classes,
-                         None if self.validation is None else self.validation.with_transform(transform))
+                         None if self.validation is None else self.validation.with_transform(transform), self.metrics)
 
 
 def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",), n_train_per_class=32,
                    n_test_per_class=25, test_fraction=0.2, seed=0, class_folders="error", partial=False,
-                   progress=True):
+                   progress=True, fraction=1.0, group_balanced=True):
     """The base-to-new and domain-shift benchmark the notebooks use.
 
     ShapeWorld: n_train_per_class images per base class of the training domains; n_test_per_class images of
@@ -55,8 +59,24 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     all); validation takes the training images that the cap leaves out. The folders are checked as
     lib.data.folders.load_domainbed says (class_folders, partial), and every image the benchmark uses is decoded
     once, so that a broken file is reported with its path before training.
+    WILDS "iWildCam" and "FMoW" (lib.data.wilds, data_root holding their release folders): train_domains must be
+    ["id"]; fraction (of the training split) and group_balanced are theirs; the release's images are checked for
+    presence only (hundreds of thousands of files).
     """
     train_domains = list(train_domains)
+    if dataset in wilds.FOLDERS:
+        if train_domains != ["id"]:
+            raise ValueError(f"{dataset} trains on its ID training split: set train_domains to ['id'] (domains: "
+                             f"'id' = ID test, 'ood' = OOD test); got {train_domains}.")
+        if data_root is None:
+            raise ValueError(f"{dataset} is read from disk: set data_root.\n{wilds.LAYOUT.format(root='data_root')}")
+        train, validation, test = wilds.load(dataset, data_root, n_train_per_class, n_test_per_class, seed,
+                                             fraction, group_balanced)
+        classes = list(wilds.CLASSES[dataset])
+        return Benchmark(dataset, train, test, ["id"], ["id", "ood"], classes, [], validation, wilds.METRICS[dataset])
+    if fraction != 1.0 or not group_balanced:
+        raise ValueError(f"fraction and group_balanced are options of the WILDS datasets {list(wilds.FOLDERS)}, "
+                         f"not of {dataset!r}.")
     if dataset == "shapeworld":
         base, new = list(shapeworld.BASE_CLASSES), list(shapeworld.NEW_CLASSES)
         train = shapeworld.make_split("train", train_domains, base, n_train_per_class, seed)

@@ -12,6 +12,8 @@ class ImageSet(torch.utils.data.Dataset):
 
     images is either a float tensor [N, 3, H, W] in [0, 1] (ShapeWorld) or a list of file paths (real data).
     transform maps one image (a tensor or a PIL image) to the model's input; set it with `with_transform`.
+    metadata: optional per-item values by name (numpy arrays), e.g. WILDS's "split" and "region" or "location",
+    and "weight", the per-item sampling weight of group-balanced training (lib.train); subset keeps them.
     """
     images: object
     labels: torch.Tensor
@@ -20,6 +22,7 @@ class ImageSet(torch.utils.data.Dataset):
     captions: list = None
     scenes: dict = None
     transform: object = field(default=None, repr=False)
+    metadata: dict = field(default=None, repr=False)
 
     def __len__(self):
         return len(self.labels)
@@ -37,17 +40,19 @@ class ImageSet(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), self.labels[i]
 
     def with_transform(self, transform):
-        return ImageSet(self.images, self.labels, self.classnames, self.domains, self.captions, self.scenes, transform)
+        return ImageSet(self.images, self.labels, self.classnames, self.domains, self.captions, self.scenes, transform,
+                        self.metadata)
 
     def subset(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
         images = self.images[torch.from_numpy(indices)] if isinstance(self.images, torch.Tensor) \
             else [self.images[i] for i in indices]
         scenes = {k: v[indices] for k, v in self.scenes.items()} if self.scenes is not None else None
+        metadata = {k: np.asarray(v)[indices] for k, v in self.metadata.items()} if self.metadata is not None else None
         return ImageSet(images, self.labels[torch.from_numpy(indices)], self.classnames,
                         [self.domains[i] for i in indices],
                         [self.captions[i] for i in indices] if self.captions is not None else None,
-                        scenes, self.transform)
+                        scenes, self.transform, metadata)
 
     def where(self, domains=None, classes=None):
         """The items of the given domains and classes (labels keep indexing self.classnames)."""
