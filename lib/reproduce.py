@@ -131,6 +131,18 @@ def describe(recipe):
     return "\n".join(lines)
 
 
+def report(recipe, results, overrides=None):
+    """Print our table and the table beside the published figures."""
+    table = ours(recipe, results)
+    print(f"{recipe.paper}, {recipe.table}")
+    if overrides:
+        print(f"DRY RUN, not the recipe's setting: {overrides}")
+    print("ours:")
+    print(table.round(1).to_string())
+    print(f"beside the published figures ({recipe.published_source}; ours at the largest fraction when swept):")
+    print(beside_published(recipe, table).to_string())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", help="a recipe name (--list names them)")
@@ -161,16 +173,12 @@ def main(argv=None):
                  if getattr(args, name) is not None}
     if args.pretrained is not None:
         overrides["pretrained"] = None if args.pretrained == "none" else args.pretrained
-    results = run(recipe, args.data_root, args.results_dir, overrides, args.seeds,
-                  dict(captions=args.captions, candidates=args.candidates), args.device)
-    table = ours(recipe, results)
-    print(f"{recipe.paper}, {recipe.table}")
-    if overrides:
-        print(f"DRY RUN, not the recipe's setting: {overrides}")
-    print("ours:")
-    print(table.round(1).to_string())
-    print(f"beside the published figures ({recipe.published_source}; ours at the largest fraction when swept):")
-    print(beside_published(recipe, table).to_string())
+    from .runner import distributed
+    with distributed(args.device) as rank:
+        results = run(recipe, args.data_root, args.results_dir, overrides, args.seeds,
+                      dict(captions=args.captions, candidates=args.candidates), args.device, progress=rank == 0)
+    if rank == 0:
+        report(recipe, results, overrides)
 
 
 if __name__ == "__main__":

@@ -389,17 +389,25 @@ def main(argv=None):
         planned = prepare(grid, args.results_dir)
     except (ValueError, OSError) as error:  # a usage error: nothing has trained and nothing is written
         parser.error(str(error))
+    with distributed(args.device):
+        results = execute(*planned, args.results_dir, args.device)
+        if _rank() == 0:
+            print(summary_table(results, grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
+
+
+@contextlib.contextmanager
+def distributed(device="auto"):
+    """The process group of a command launched by torchrun (nccl on GPUs, gloo on the CPU), for the duration of the
+    block; nothing when it runs as one process. Yields the rank (0 alone)."""
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        gpu = torch.cuda.is_available() and args.device != "cpu"
+        gpu = torch.cuda.is_available() and device != "cpu"
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL starts on a device
         dist.init_process_group("nccl" if gpu else "gloo")
     try:
-        results = execute(*planned, args.results_dir, args.device)
-        if _rank() == 0:
-            print(summary_table(results, grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
+        yield _rank()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
