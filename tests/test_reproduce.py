@@ -96,3 +96,25 @@ def test_wilds_recipes_run_end_to_end_at_tiny_sizes(name, tmp_path_factory, caps
     before = {path: path.stat().st_mtime_ns for path in stored}
     reproduce.main(args)  # resumable: everything is read back from the store
     assert {path: path.stat().st_mtime_ns for path in sorted(results_dir.glob("*.csv"))} == before
+
+
+def test_arf_recipes_take_the_captions_and_candidates_given_and_clips_imagenet_templates():
+    planned = reproduce.plan(recipes.get_recipe("arf-table1-imagenet"), "DATA",
+                             anchors=dict(captions="caps.csv", candidates="cc3m"))
+    arf = next(grid for label, _, grid in planned if label == "ARF")
+    assert arf["hparams"]["captions"] == "caps.csv" and arf["hparams"]["candidates"] == "cc3m"
+    assert len(arf["hparams"]["templates"][0]) == 80 and arf["hparams"]["templates"][0][0] == "a bad photo of a {}."
+    flyp = next(grid for label, _, grid in planned if label == "FLYP")
+    assert "captions" not in flyp["hparams"]  # FLYP has no anchors
+    assert arf["batch_size"] == 512 and "num_steps" not in arf  # 10 epochs: steps come from the loaded training set
+    assert {label for label, _, _ in planned} == {"CLIP", "LP", "FT", "FLYP", "ARF"}  # LP-FT: published row only
+
+
+def test_epochs_become_steps_of_the_loaded_training_set(tmp_path):
+    root = make_wilds_copy(tmp_path)
+    recipe = recipes.get_recipe("paper2-fmow")
+    planned = reproduce.plan(recipe, str(root), dict(batch_size=4, fractions=[0.5, 1.0]))
+    steps = {f: reproduce.resolve_epochs(recipe, g, progress=False)["num_steps"] for label, f, g in planned
+             if label == "CLIP fine-tuned (CE)"}
+    train = 4 + 62  # FMoW's fabricated training split (conftest.FMOW_ROWS and one image per class)
+    assert steps == {0.5: 30 * (round(0.5 * train) // 4), 1.0: 30 * (train // 4)}  # 30 epochs (train.py --nepochs)
