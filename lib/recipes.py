@@ -93,8 +93,8 @@ CLIPOOD_DOMAINBED = {  # dataset: (lr, epochs, domains) from scripts.sh; domains
     "DomainNet": (1e-5, 20, ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]),
 }
 CLIPOOD_ITERS_PER_EPOCH = 500  # main.py --iters-per-epoch default: an "epoch" is 500 steps, whatever the data size
-VIT_B_16 = {"model_name": Sourced("ViT-B-16", "the paper's model (CLIPood §5; main.py -a ViT-B/16)"),
-            "pretrained": Sourced("openai", "OpenAI's CLIP weights (main.py: clip.load)")}
+VIT_B_16 = {"model_name": Sourced("ViT-B-16", "the paper's model (thuml/CLIPood main.py -a default ViT-B/16)"),
+            "pretrained": Sourced("openai", "OpenAI's CLIP weights (thuml/CLIPood main.py: clip.load)")}
 
 
 def _clipood_table_1():
@@ -113,7 +113,7 @@ def _clipood_table_1():
                       num_steps=Sourced({d: e * CLIPOOD_ITERS_PER_EPOCH for d, (_, e, _) in CLIPOOD_DOMAINBED.items()},
                                         f"{CLIPOOD_CODE} --epochs (10; DomainNet 20) x 500 iterations per epoch "
                                         f"({CLIPOOD_MAIN})"),
-                      test_fraction=Sourced(0.2, "DomainBed's 20 % hold-out of each domain (CLIPood §5.1)")),
+                      test_fraction=Sourced(0.2, "DomainBed's 20 % hold-out per domain (CLIPood Table 1)")),
         methods={"CLIP": ("zeroshot", dict(templates=common["templates"])),
                  "CLIPood": ("clipood", dict(lr=Sourced({d: lr for d, (lr, _, _) in CLIPOOD_DOMAINBED.items()},
                                                         f"{CLIPOOD_CODE} --lr per dataset"),
@@ -194,7 +194,10 @@ def _paper2(dataset, metric_columns, prompt):
         published_source="none transcribed: the paper reports these as plots (its headline: few-shot CLIP "
                          "fine-tuning beats a vision-only model ID and OOD at every fraction; SWA adds OOD)",
         notes=("Optimizer: the lab's AdamW with the paper's weight decay 1e-4 (the paper: Adam, L2 decay); schedule: "
-               "the lab's cosine (the paper: 5 warm-up epochs, StepLR x0.1 every 15 epochs).",
+               "the lab's cosine (the paper: 5 warm-up epochs, StepLR x0.1 every 15 epochs, and SWALR's constant "
+               "1e-4 over the SWA epochs).",
+               "Augmentation: none, the model's preprocessing (the paper adds flips, colour jitter, 2-degree "
+               "rotations: fmdg/_data.py).",
                "Model selection: the last (or SWA) model; the paper's code keeps the best OOD test score.",
                "The vision-only baseline (an ImageNet ViT-B/32) is not in the lab: the lab's `vision-only` is CLIP's "
                "image tower with a linear head, so it is left out of this recipe.",
@@ -215,14 +218,14 @@ def _paper2_fmow():
 
 
 # --------------------------------------------------------------------------------------------------------- ARF
-ARF = "ARF (Han et al., CVPR 2024) §4.1"
+ARF = "ARF (Han et al., CVPR 2024), training details"
 
 
 def _arf_methods():
     common = dict(lr=Sourced(1e-5, ARF), weight_decay=Sourced(0.1, ARF),
                   templates=Sourced("openai-imagenet", f"{ARF}: CLIP's ImageNet templates (WiSE-FT's)"))
     anchors = dict(captions=Sourced(None, "lib.reproduce --captions (python -m lib.captions; ARF: BLIP-2)"),
-                   candidates=Sourced(None, "lib.reproduce --candidates (CC3M webdataset shards; ARF §3.3)"))
+                   candidates=Sourced(None, "lib.reproduce --candidates (CC3M webdataset shards, ARF's candidate set)"))
     prompts = dict(templates=common["templates"])
     return {"CLIP": ("zeroshot", prompts), "LP": ("lp", prompts),
             "FT": ("ft", common), "LP-FT": (None, {}), "FLYP": ("flyp", common), "ARF": ("arf", {**common, **anchors})}
@@ -266,7 +269,7 @@ def _arf_domainnet():
         columns=[Column("ID", domains=("real",)), *[Column(n, domains=(d,)) for n, d in shifts.items()],
                  Column("avg OOD", mean_of=tuple(shifts))],
         published={m: dict(zip(names, v)) for m, v in rows.items()}, published_source="ARF Table 1",
-        notes=("The prompts are CLIP's ImageNet templates, as for ImageNet (ARF §4.1 names no others).",),
+        notes=("The prompts are CLIP's ImageNet templates, as for ImageNet (no others are transcribed).",),
         needs="DomainBed protocols (dataset option protocol=all-classes)")
 
 
@@ -321,7 +324,7 @@ def _arf_table_3():
 
 
 # -------------------------------------------------------------------------------------------------------- SAFT
-SAFT = "SAFT (ECCV 2024, arXiv 2407.03036) §4"
+SAFT = "SAFT (ECCV 2024, arXiv 2407.03036), experimental setup"
 SAFT_TEMPLATES = {  # SAFT Table 7
     "ImageNet": "a photo of a {}.", "Caltech101": "a photo of a {}.", "StanfordCars": "a photo of a {}.",
     "SUN397": "a photo of a {}.", "OxfordPets": "a photo of a {}, a type of pet.",
@@ -364,7 +367,7 @@ def _saft_base_to_new():
                   for d in COOP_DATASETS],
                  [Column("base", group="base"), Column("new", group="new")],
                  published={"CLIP": {"base": 69.34, "new": 74.22}, "SAFT": {"base": 83.97, "new": 74.78}},
-                 published_source="SAFT §4 (text): the 11-dataset average, base and new (H 79.11)",
+                 published_source="SAFT (text): the 11-dataset average, base and new (H 79.11)",
                  needs="CoOp loaders (dataset option protocol=base-to-new)")
 
 
