@@ -230,7 +230,7 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
     id_ece_scaled, ... from an ece_scaled column (after temperature scaling), and id_macro_f1, ... from the
     columns of METRICS (WILDS: one test domain each side, so the mean is the split's value)."""
     keys = [k for k in ("method", "seed") if k in results.columns]
-    calibration = [c for c in ("ece", "ece_scaled", *METRICS) if c in results.columns]
+    per_part = [c for c in ("ece", "ece_scaled", *METRICS) if c in results.columns]
 
     def per_run(frame):
         base = frame[frame.group == base_group]
@@ -241,13 +241,13 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
                "base": base.accuracy.mean(),
                "new": new.accuracy.mean() if len(new) else np.nan}
         out["hm"] = harmonic_mean(out["base"], out["new"])
-        for column in calibration:
+        for column in per_part:
             out[f"id_{column}"] = base[seen][column].mean()
             out[f"domain_shift_{column}"] = base[~seen][column].mean()
             out[f"new_{column}"] = new[column].mean() if len(new) else np.nan
         return pd.Series(out)
 
-    columns = ["domain", "group", "accuracy"] + calibration
+    columns = ["domain", "group", "accuracy"] + per_part
     return results.groupby(keys, sort=False)[columns].apply(per_run).reset_index()
 
 
