@@ -10,17 +10,20 @@ feature space in place:
   `anchor_pairs` hands a training loop one neighbour per training image of a batch.
 
 ARF has no public code, so every choice below that the paper leaves open is ours and is stated where it is
-made: the captioner (ground-truth scene descriptions for ShapeWorld, a caption file for real data; no captioning
-model ships here), neighbours searched in the candidates' text embeddings, computed once with the frozen
-pre-trained model, and one of the k neighbours sampled per training image and step.
+made: the captioner (ground-truth scene descriptions for ShapeWorld; for real data a caption file, which
+`python -m lib.captions` writes with a pretrained captioner), neighbours searched in the candidates' text
+embeddings, computed once with the frozen pre-trained model, and one of the k neighbours sampled per training
+image and step.
 
 Exact kNN (`retrieve`) runs either as chunked torch matmuls or with faiss.IndexFlatIP; both are exact.
 Embeddings of candidate captions can be cached on disk (`cached_text_embeddings`); the cache is keyed by the
 texts and by the text tower's weights, so a stale file is never used.
 """
 import csv
+import glob
 import hashlib
 import os
+import tarfile
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -258,12 +261,16 @@ class CandidateCorpus:
 
     ShapeWorld: `CandidateCorpus.shapeworld(n)`, the web corpus stream "candidates", disjoint from mini-CLIP's
     pretraining stream. Real data: `CandidateCorpus.from_csv(path)`, a CSV with columns `path,caption` (relative
-    paths are taken relative to the CSV's folder), e.g. a folder of web images with their alt-text.
+    paths are taken relative to the CSV's folder), e.g. a folder of web images with their alt-text; or
+    `CandidateCorpus.from_webdataset(shards)`, tar shards as img2dataset writes them (CC3M, ARF's corpus);
+    `from_path` takes either. A corpus read from disk has a cache folder: its caption embeddings are stored
+    there once (cache_path, cached_text_embeddings) and reused by the next run with the same text tower.
     """
 
-    def __init__(self, captions, make_pairs):
+    def __init__(self, captions, make_pairs, cache_dir=None):
         self.captions = list(captions)
         self._make_pairs = make_pairs
+        self.cache_path = None if cache_dir is None else os.path.join(cache_dir, "text_embeddings.pt")
 
     def __len__(self):
         return len(self.captions)
@@ -279,7 +286,53 @@ class CandidateCorpus:
                                                                   [captions[i] for i in idx]))
 
     @classmethod
-    def from_csv(cls, path):
+    def from_path(cls, path, cache_dir=None):
+        """A corpus from a CSV file (from_csv) or from webdataset shards: a folder of .tar files, or one .tar."""
+        path = os.fspath(path)
+        if path.endswith(".csv"):
+            return cls.from_csv(path, cache_dir)
+        shards = sorted(glob.glob(os.path.join(path, "*.tar"))) if os.path.isdir(path) else [path]
+        return cls.from_webdataset(shards, cache_dir)
+
+    @classmethod
+    def from_webdataset(cls, shards, cache_dir=None):
+        """Image-text pairs from webdataset tar shards (img2dataset's output: <key>.jpg or .png or .webp beside
+        <key>.txt, the caption). Read with Python's tarfile, which needs no new dependency, reads the headers of a
+        shard without decoding anything, and can later extract single members; the `webdataset` package streams
+        samples, which suits training but not retrieval's random access. Samples without an image or a caption
+        are skipped. The images of the pairs found are extracted once into cache_dir/images (default: a
+        folder lab-cache beside the first shard)."""
+        shards = [os.fspath(s) for s in shards]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if not shards or missing:
+            raise FileNotFoundError(f"No webdataset shards at {missing or 'the path given'}: give a folder of .tar "
+                                    f"shards as img2dataset writes them (<key>.jpg + <key>.txt), or a CSV.")
+        cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(shards[0])), "lab-cache")
+        captions, members = [], []
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                samples = {}
+                for member in tar.getmembers():
+                    folder, name = os.path.split(member.name)
+                    key, _, extension = name.partition(".")  # webdataset's rule: the key ends at the first dot
+                    samples.setdefault(os.path.join(folder, key), {})[extension.lower()] = member
+                for files in samples.values():
+                    image = next((files[e] for e in WEB_IMAGE_EXTENSIONS if e in files), None)
+                    if image is not None and "txt" in files:
+                        captions.append(tar.extractfile(files["txt"]).read().decode("utf-8").strip())
+                        members.append((shard, image.name))
+        if not captions:
+            raise ValueError(f"The shards {shards[:3]} hold no image-caption pairs (<key>.jpg + <key>.txt).")
+
+        def make_pairs(idx):
+            from .data.imageset import ImageSet
+            paths = [_extracted(*members[i], cache_dir) for i in idx]
+            return ImageSet(paths, torch.zeros(len(idx), dtype=torch.long), ["anchor"], ["web"] * len(idx),
+                            [captions[i] for i in idx])
+        return cls(captions, make_pairs, cache_dir)
+
+    @classmethod
+    def from_csv(cls, path, cache_dir=None):
         from .data.imageset import ImageSet
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -298,7 +351,23 @@ class CandidateCorpus:
         def make_pairs(idx):
             return ImageSet([images[i] for i in idx], torch.zeros(len(idx), dtype=torch.long), ["anchor"],
                             ["web"] * len(idx), [captions[i] for i in idx])
-        return cls(captions, make_pairs)
+        return cls(captions, make_pairs, cache_dir or os.path.join(folder, "lab-cache"))
+
+
+WEB_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _extracted(shard, member, cache_dir):
+    """The path of a shard's member extracted under cache_dir/images (extracted on first use)."""
+    target = os.path.join(cache_dir, "images", os.path.basename(shard), member)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with tarfile.open(shard) as tar:
+            data = tar.extractfile(member).read()
+        with open(target + ".tmp", "wb") as file:
+            file.write(data)
+        os.replace(target + ".tmp", target)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------- retrieved anchors

@@ -5,13 +5,14 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 import torch
+from sklearn.metrics import f1_score
 
 from .data import Classification, class_ids, templates_for
 from .models import encode_images, zeroshot_head
 
 
 def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, temperature=1.0,
-             scaled_temperature=None, reliability=False, classification=None, **labels):
+             scaled_temperature=None, reliability=False, classification=None, metrics=(), **labels):
     """Accuracy and calibration per domain and class group as a DataFrame (labels, domain, group, n, accuracy,
     ece).
 
@@ -32,15 +33,16 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
     adds a column ece_scaled, the ECE at that temperature, so that one pass reports a model before and after
     temperature scaling. reliability=True adds the reliability bins (RELIABILITY_BINS of them) as JSON lists,
     bin_count, bin_confidence_sum and bin_correct_sum: sums, so that rows of several domains or seeds pool
-    exactly (pooled_reliability), which is how the runner stores them.
+    exactly (pooled_reliability), which is how the runner stores them. metrics: names of METRICS (e.g. a
+    benchmark's `metrics`, WILDS's macro_f1 or worst_region_accuracy), one column each, over the row's images.
     """
     groups = groups or {"all": list(range(len(dataset.classnames)))}
     features = encode_images(model, dataset)
     rows = []
     for group, classes in groups.items():
         members = class_ids(dataset.classnames, classes, f"group {group!r}")
-        for domain, (logits, local, _) in _group_logits(model, tokenizer, dataset, features, members, head, templates,
-                                                     classification, group).items():
+        for domain, (logits, local, items) in _group_logits(model, tokenizer, dataset, features, members, head,
+                                                            templates, classification, group).items():
             known = logits is not None and len(local) > 0
             row = {**labels, "domain": domain, "group": group, "n": len(local), "accuracy": float("nan"),
                    "ece": float("nan")}
@@ -48,6 +50,10 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
                 probs = torch.softmax(logits.double() / temperature, dim=-1)
                 row["accuracy"] = float((logits.argmax(-1) == local).double().mean())
                 row["ece"] = expected_calibration_error(probs, local)
+            for name in metrics:
+                row[name] = METRICS[name](logits.argmax(-1).cpu().numpy(), local.numpy(),
+                                          {key: np.asarray(values)[items] for key, values in
+                                           (dataset.metadata or {}).items()}) if known else float("nan")
             if scaled_temperature is not None:
                 row["ece_scaled"] = (expected_calibration_error(torch.softmax(logits.double() / scaled_temperature,
                                                                               dim=-1), local)
@@ -59,6 +65,27 @@ def evaluate(model, tokenizer, dataset, groups=None, head=None, templates=None, 
                             for name, values in zip(BIN_COLUMNS, sums)})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def macro_f1(predictions, labels):
+    """WILDS's iWildCam metric: the F1 score of each class present among the labels, averaged (scikit-learn's
+    f1_score, average="macro", labels=the labels present); a class only predicted lowers the others' precision."""
+    labels = np.asarray(labels)
+    return float(f1_score(labels, predictions, average="macro", labels=np.unique(labels), zero_division=0))
+
+
+def worst_group_accuracy(predictions, labels, groups, exclude=()):
+    """The lowest accuracy over the groups present (WILDS's FMoW worst-region accuracy: the groups are regions and
+    "Other" is excluded, wilds/datasets/fmow_dataset.py); NaN when no item is left."""
+    frame = pd.DataFrame({"correct": np.asarray(predictions) == np.asarray(labels), "group": np.asarray(groups)})
+    frame = frame[~frame.group.isin(list(exclude))]
+    return float(frame.groupby("group").correct.mean().min()) if len(frame) else float("nan")
+
+
+# Metrics a benchmark may ask evaluate for (Benchmark.metrics): f(predictions, labels, metadata of those items).
+METRICS = {"macro_f1": lambda predictions, labels, metadata: macro_f1(predictions, labels),
+           "worst_region_accuracy": lambda predictions, labels, metadata: worst_group_accuracy(
+               predictions, labels, metadata["region"], exclude=("Other",))}
 
 
 def _group_logits(model, tokenizer, dataset, features, members, head, templates, classification, group=None):
@@ -228,9 +255,10 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
     domains) and hm, the harmonic mean of base and new. When the results have an ece column (tables stored
     before it existed have none), id_ece, domain_shift_ece and new_ece are the same means of the per-domain ECE
     (our choice: a mean over domains like the accuracies, not the ECE of the pooled images); likewise
-    id_ece_scaled, ... from an ece_scaled column (after temperature scaling)."""
+    id_ece_scaled, ... from an ece_scaled column (after temperature scaling), and id_macro_f1, ... from the
+    columns of METRICS (WILDS: one test domain each side, so the mean is the split's value)."""
     keys = [k for k in ("method", "seed") if k in results.columns]
-    calibration = [c for c in ("ece", "ece_scaled") if c in results.columns]
+    per_part = [c for c in ("ece", "ece_scaled", *METRICS) if c in results.columns]
 
     def per_run(frame):
         base = frame[frame.group == base_group]
@@ -241,13 +269,13 @@ def summarize(results, train_domains, base_group="base", new_group="new"):
                "base": base.accuracy.mean(),
                "new": new.accuracy.mean() if len(new) else np.nan}
         out["hm"] = harmonic_mean(out["base"], out["new"])
-        for column in calibration:
+        for column in per_part:
             out[f"id_{column}"] = base[seen][column].mean()
             out[f"domain_shift_{column}"] = base[~seen][column].mean()
             out[f"new_{column}"] = new[column].mean() if len(new) else np.nan
         return pd.Series(out)
 
-    columns = ["domain", "group", "accuracy"] + calibration
+    columns = ["domain", "group", "accuracy"] + per_part
     return results.groupby(keys, sort=False)[columns].apply(per_run).reset_index()
 
 

@@ -10,11 +10,14 @@ from .evaluate import class_logits, evaluate, fit_temperature
 from .methods import ALIASES, get_method
 from .train import finetune
 
-# What "smoke" (tests), "default" (committed notebooks, CPU minutes) and "paper" (a GPU) mean.
+# What "smoke" (tests), "default" (committed notebooks, CPU minutes) and "gpu" (a GPU, any dataset) mean. None of
+# them is a paper's setting: those are the recipes of lib.recipes (python -m lib.reproduce --list).
 BUDGETS = {
     "smoke": dict(n_train_per_class=8, n_test_per_class=4, num_steps=6, batch_size=16),
     "default": dict(n_train_per_class=64, n_test_per_class=50, num_steps=150, batch_size=64),
-    "paper": dict(n_train_per_class=None, n_test_per_class=100, num_steps=2000, batch_size=128),
+    "gpu": dict(n_train_per_class=None, n_test_per_class=100, num_steps=2000, batch_size=128),
+    # Whole training and test sets: what lib.reproduce runs the recipes at (each recipe sets its steps and batch).
+    "full": dict(n_train_per_class=None, n_test_per_class=None, num_steps=2000, batch_size=128),
 }
 
 
@@ -27,6 +30,10 @@ def budget(name):
 def budget_name(name):
     """The budget that `budget(name)` gives: LAB_BUDGET when set, else name (checked)."""
     name = os.environ.get("LAB_BUDGET", name)
+    if name == "paper":  # the old name of "gpu", which no paper used
+        raise ValueError("The budget 'paper' is now 'gpu': it was no paper's setting. A paper's own setting is a "
+                         "recipe: python -m lib.reproduce --list, then python -m lib.reproduce <recipe> "
+                         "--data-root DIR.")
     if name not in BUDGETS:
         raise ValueError(f"Unknown budget {name!r}; choose one of {list(BUDGETS)}.")
     return name
@@ -105,7 +112,7 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
                                                     templates=templates))
     table = evaluate(trained.model, tokenizer, bench.test, groups=bench.groups, head=trained.head,
                      templates=templates, scaled_temperature=temperature, reliability=True,
-                     classification=bench.classification)
+                     classification=bench.classification, metrics=bench.metrics)
     if temperature is not None:
         table["temperature"] = temperature
     return table, trained

@@ -1,7 +1,7 @@
 """Run a notebook with other parameters into another folder: `python -m lib.notebooks [run] NOTEBOOK [OUT_DIR] -p ...`.
 
     python -m lib.notebooks notebooks/01_clipood.ipynb runs/ -p model_name ViT-B-16 -p pretrained openai \\
-        -p dataset PACS -p data_root /data/domainbed -p train_domains '["photo"]' -p budget paper
+        -p dataset PACS -p data_root /data/domainbed -p train_domains '["photo"]' -p budget gpu
 
 Unlike papermill, which only warns, a parameter the notebook's `parameters` cell does not define is an error,
 and nothing is written inside notebooks/ (the committed notebooks). Both are checked before the kernel starts, and

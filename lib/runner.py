@@ -585,23 +585,32 @@ def main(argv=None):
         print(summary_table(load_results(planned[0], args.results_dir),
                             grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
         return
-    import torch
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
-        gpu = torch.cuda.is_available() and args.device != "cpu"
-        if gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL starts on a device
-        dist.init_process_group("nccl" if gpu else "gloo")
     try:
-        results = execute(*planned, args.results_dir, args.device)
-        if _rank() == 0:
-            print(summary_table(results, grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
+        with distributed(args.device):
+            results = execute(*planned, args.results_dir, args.device)
+            if _rank() == 0:
+                print(summary_table(results, grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
     except KeyboardInterrupt:  # one line, not a traceback: every finished run is stored, and is kept
         runs, results_dir = planned[0], Path(args.results_dir)
         done = sum(stored(results_dir, run_key(run))[0] for run in runs)
         print(f"\nInterrupted: {done} of {len(runs)} runs are stored in {results_dir}. The same command resumes "
               f"where it stopped: {_command(argv)}", file=sys.stderr)
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def distributed(device="auto"):
+    """The process group of a command launched by torchrun (nccl on GPUs, gloo on the CPU), for the duration of the
+    block; nothing when it runs as one process. Yields the rank (0 alone)."""
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        gpu = torch.cuda.is_available() and device != "cpu"
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL starts on a device
+        dist.init_process_group("nccl" if gpu else "gloo")
+    try:
+        yield _rank()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

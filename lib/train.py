@@ -83,15 +83,19 @@ class GlobalBatches(torch.utils.data.Sampler):
     permutation (and one more, discarded, when the epoch ended), which is what happens here, so every seed keeps
     the batches of the committed results, whatever the number of workers or ranks (tests/test_loading.py)."""
 
-    def __init__(self, n, batch_size, seed, rank=0, world=1):
+    def __init__(self, n, batch_size, seed, rank=0, world=1, weights=None):
         if batch_size > n:  # drop_last would leave no batch at all, and the loop would never yield
             raise ValueError(f"batch size {batch_size} is larger than the {n} training images; cap it first")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.weights = None if weights is None else torch.tensor(np.asarray(weights, dtype=np.float64))
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
-        epoch = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(self.n), generator=generator),
-                                              self.batch_size, drop_last=True)
+        # Group-balanced data (e.g. WILDS, lib.data.wilds) carries per-item weights: an epoch is then n draws with
+        # replacement, each item with probability proportional to its weight (WILDS's uniform_over_groups).
+        order = (torch.utils.data.RandomSampler(range(self.n), generator=generator) if self.weights is None else
+                 torch.utils.data.WeightedRandomSampler(self.weights, self.n, replacement=True, generator=generator))
+        epoch = torch.utils.data.BatchSampler(order, self.batch_size, drop_last=True)
         while True:
             torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
             for batch in epoch:
@@ -102,7 +106,8 @@ def _batches(dataset, batch_size, seed, num_workers=None, device="cpu", num_batc
     """Rank `rank`'s part of shuffled full global batches (GlobalBatches) as (images, labels, indices), forever.
     num_workers: loader processes (None: lib.models.default_num_workers); num_batches: how many will be drawn, when
     known (a single one starts no worker)."""
-    sampler = GlobalBatches(len(dataset), batch_size, seed, rank, world)
+    weights = (getattr(dataset, "metadata", None) or {}).get("weight")
+    sampler = GlobalBatches(len(dataset), batch_size, seed, rank, world, weights)
     if num_workers is None:
         num_workers = default_num_workers(dataset)
     # The loader's own generator only seeds its workers; giving it one keeps torch's global random state untouched.

@@ -2,17 +2,20 @@
 
 Each family of real layouts is a module with `load(data_root, dataset, ...)` -> Benchmark and `check(data_root,
 dataset, train_domains)` (the cheap folder check lib.runner makes before training): folders (DomainBed), imagenet
-(ImageNet and its variants), coop (CoOp's split files)."""
+(ImageNet and its variants), coop (CoOp's split files), wilds (the iWildCam and FMoW releases)."""
+import inspect
 from dataclasses import replace
 
 import torch
 
-from . import coop, folders, imagenet, shapeworld
+from . import coop, folders, imagenet, shapeworld, wilds
 from .benchmark import Benchmark, Classification, class_ids, templates_for
 from .imageset import ImageSet
 
 # Dataset name -> the module that reads it; any other name is read as a DomainBed-layout folder.
-LOADERS = {"ImageNet": imagenet, **dict.fromkeys(coop.LAYOUTS, coop)}
+LOADERS = {"ImageNet": imagenet, **dict.fromkeys(coop.LAYOUTS, coop), **dict.fromkeys(wilds.FOLDERS, wilds)}
+# The arguments every loader's `load` takes; the others are its own dataset options.
+_COMMON = ("root", "dataset", "train_domains", "n_train_per_class", "n_test_per_class", "seed", "partial")
 
 
 def loader(dataset):
@@ -28,7 +31,8 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     every class in every domain, and as many per base class of the training domains for validation. On disk:
     n_train_per_class caps the training images per class (and domain) and n_test_per_class the test and
     validation images (None keeps all); partial=True allows a copy whose image counts differ from the release;
-    options are the family's own (its module's `load`: e.g. protocol, class_folders, test_fraction, variants).
+    options are the family's own (its module's `load`: e.g. protocol, class_folders, test_fraction, variants;
+    WILDS's fraction and group_balanced).
     cross_dataset: CoOp datasets whose test images are added as test domains (with_cross_dataset). Every image
     the benchmark uses is decoded once, so a broken file is reported with its path before training.
     """
@@ -46,8 +50,14 @@ def load_benchmark(dataset="shapeworld", data_root=None, train_domains=("photo",
     if data_root is None:
         raise ValueError(f"dataset={dataset!r} is read from disk: set data_root to the folder that holds it "
                          f"(the README's real-tier section draws each layout), or use dataset='shapeworld'.")
-    bench = loader(dataset).load(data_root, dataset, train_domains, n_train_per_class, n_test_per_class, seed,
-                                 partial=partial, **options)
+    family = loader(dataset)
+    accepted = sorted(set(inspect.signature(family.load).parameters) - set(_COMMON))
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{dataset} takes no dataset option(s) {unknown}; its options are {accepted} (and "
+                         f"partial, cross_dataset).")
+    bench = family.load(data_root, dataset, train_domains, n_train_per_class, n_test_per_class, seed,
+                        partial=partial, **options)
     if cross_dataset:
         bench = with_cross_dataset(bench, data_root, cross_dataset, n_test_per_class, seed, partial)
     for part in (bench.train, bench.test, bench.validation):

@@ -47,6 +47,8 @@ class Benchmark:
     class_groups: dict = None
     classification: Classification = None
     prompts: tuple = None  # the data's own prompt templates (CoOp's per-dataset prompt); None: templates_for
+    # Metrics beyond accuracy that the dataset reports (lib.evaluate's METRICS names), e.g. WILDS's macro-F1.
+    metrics: tuple = ()
 
     @property
     def templates(self):

@@ -35,6 +35,8 @@ class ImageSet(torch.utils.data.Dataset):
     class_ids[label] is the class's id in the benchmark's full class list (what a linear head trained on these
     images calls it; None: the label itself). border: {domain: pixels} cropped from every side of that domain's
     images when read (ObjectNet's 2-pixel frame, as wise-ft reads it).
+    metadata: optional per-item values by name (numpy arrays), e.g. WILDS's "split" and "region" or "location",
+    and "weight", the per-item sampling weight of group-balanced training (lib.train); subset keeps them.
     """
     images: object
     labels: torch.Tensor
@@ -45,6 +47,7 @@ class ImageSet(torch.utils.data.Dataset):
     transform: object = field(default=None, repr=False)
     class_ids: list = None
     border: dict = None
+    metadata: dict = field(default=None, repr=False)
 
     def __len__(self):
         return len(self.labels)
@@ -80,7 +83,8 @@ class ImageSet(torch.utils.data.Dataset):
         return replace(self, images=images, labels=self.labels[torch.from_numpy(indices)],
                        domains=[self.domains[i] for i in indices],
                        captions=[self.captions[i] for i in indices] if self.captions is not None else None,
-                       scenes=scenes)
+                       scenes=scenes, metadata=None if self.metadata is None else
+                       {k: np.asarray(v)[indices] for k, v in self.metadata.items()})
 
     def where(self, domains=None, classes=None):
         """The items of the given domains and classes (labels, i.e. indices into classnames; they keep indexing

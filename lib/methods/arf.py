@@ -34,8 +34,9 @@ class ContrastiveFineTune(Method):
       image among the first anchor_fraction of the batch brings one of its k neighbours, drawn at random, so a
       batch of B images has round(anchor_fraction * B) retrieved pairs. Default 0.5: on ShapeWorld, 0.5 and 1.0
       gave the same accuracy (one seed) and 0.5 makes a step about 30 % cheaper.
-      `candidates` is a lib.anchors.CandidateCorpus, a CSV path, or None for ShapeWorld's candidate stream
-      of `num_candidates` pairs.
+      `candidates` is a lib.anchors.CandidateCorpus, a CSV path, webdataset shards (a folder of .tar files, e.g.
+      CC3M as img2dataset writes it; its caption embeddings are cached on disk once), or None for ShapeWorld's
+      candidate stream of `num_candidates` pairs.
     """
     name = "flyp"
     HPARAMS = dict(cap_weight=0.0, ret_weight=0.0, caption_noise=0.0, captions=None, candidates=None,
@@ -53,12 +54,13 @@ class ContrastiveFineTune(Method):
             return
         if self.hparams["cap_weight"] and not self.hparams["captions"]:
             raise ValueError(f"{self.name} on {dataset!r} needs a caption for every training image (its caption "
-                             f"anchors): give --hparam captions=PATH.csv (columns path,caption), or set "
-                             f"cap_weight=0 (e.g. the method 'arf-ret').")
+                             f"anchors): give --hparam captions=PATH.csv (columns path,caption; python -m "
+                             f"lib.captions writes it), or set cap_weight=0 (e.g. the method 'arf-ret').")
         if self.hparams["ret_weight"] and self.hparams["candidates"] is None:
             raise ValueError(f"{self.name} on {dataset!r} needs a web-like candidate corpus to retrieve anchors "
                              f"from (ShapeWorld's would be silently wrong here): give --hparam "
-                             f"candidates=PATH.csv (columns path,caption), or set ret_weight=0 (e.g. 'arf-cap').")
+                             f"candidates=PATH.csv (columns path,caption) or a folder of webdataset .tar "
+                             f"shards, or set ret_weight=0 (e.g. 'arf-cap').")
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         self.check_dataset("shapeworld" if train_set.scenes is not None else "a folder dataset")
@@ -76,8 +78,9 @@ class ContrastiveFineTune(Method):
             if corpus is None:
                 corpus = anchors.CandidateCorpus.shapeworld(self.hparams["num_candidates"])
             elif not isinstance(corpus, anchors.CandidateCorpus):
-                corpus = anchors.CandidateCorpus.from_csv(corpus)
-            text_features = anchors.cached_text_embeddings(model, tokenizer, corpus.captions, device=device)
+                corpus = anchors.CandidateCorpus.from_path(corpus)
+            text_features = anchors.cached_text_embeddings(model, tokenizer, corpus.captions,
+                                                           cache_path=corpus.cache_path, device=device)
             neighbours = anchors.retrieve_anchors(encode_images(model, train_set), text_features,
                                                   min(self.hparams["k"], len(corpus)))
             # Render or load only the pairs that were found; neighbours index into that subset.
