@@ -19,7 +19,7 @@ def test_the_grid_of_a_run_expands_to_that_run_alone():
         assert runner.expand(runner.grid_of(run)) == [run]
 
 
-def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, monkeypatch):
+def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     results = tmp_path / "results"
@@ -34,8 +34,12 @@ def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, 
 
     _, todo, _ = runner.prepare(GRID, results)
     assert [runner.run_key(run) for run in todo] == [keys[1]]  # what is stored is never submitted again
-    launch.wait(launch.submit({keys[1]: runner.grid_of(todo[0])}, results, "local", device="cpu", timeout_min=5),
-                poll_s=0.2)
+    runner.main(["--methods", "ft", "--seeds", "0", "1", "--budget", "smoke", "--train-domains", "photo",
+                 "--num-steps", "2", "--batch-size", "8", "--n-train-per-class", "4", "--n-test-per-class", "2",
+                 "--results-dir", str(results), "--device", "cpu", "--launcher", "local", "--timeout", "5"])
+    printed = capsys.readouterr()
+    assert "1 job(s) submitted" in printed.err
+    assert printed.out.count("domain_shift") == 1  # the summary table of the stored runs
     assert sorted(p.stem for p in results.glob("*.csv")) == sorted(keys)  # each once, under its own key
     assert sorted(p.stem for p in results.glob("*.json")) == sorted(keys)
     assert not list(results.glob("*.tmp")) and not list(results.glob("*.lock"))
