@@ -115,7 +115,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     optimizer = method.make_optimizer(named)
-    scheduler = cosine_schedule(optimizer, num_steps, method.hparams["warmup_steps"])
+    scheduler = method.make_scheduler(optimizer, num_steps)
     params = [p for _, p in named]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batch_size = min(method.hparams["batch_size"], len(train_set))
