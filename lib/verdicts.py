@@ -91,21 +91,22 @@ def report(table, title="Verdicts", smallest_effect=SMALLEST_EFFECT):
                     f"{sentence(table)}")
 
 
-def save(table, results_dir, notebook):
-    """Write a notebook's verdicts to results_dir/verdicts/<notebook>.csv, for notebook 05's scoreboard."""
+def save(table, results_dir, notebook, setting="default"):
+    """Write a notebook's verdicts to results_dir/verdicts/<notebook>.<setting>.csv for notebook 05's scoreboard;
+    setting (e.g. the budget) keeps a smoke run from replacing the verdicts of a default one."""
     folder = Path(results_dir) / "verdicts"
     folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / f"{notebook}.csv", index=False)
+    table.to_csv(folder / f"{notebook}.{setting}.csv", index=False)
 
 
-def gather(results_dir, notebooks):
-    """The scoreboard: the saved verdicts of `notebooks`, in that order, with a notebook column."""
-    folder = Path(results_dir) / "verdicts"
-    missing = [n for n in notebooks if not (folder / f"{n}.csv").is_file()]
+def gather(results_dir, notebooks, setting="default"):
+    """The scoreboard: the saved verdicts of `notebooks` at `setting`, in that order, with a notebook column."""
+    files = {n: Path(results_dir) / "verdicts" / f"{n}.{setting}.csv" for n in notebooks}
+    missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"no verdicts of notebook(s) {missing} under {folder}: run those notebooks first "
-                                f"with the same results_dir (make walkthrough runs them in order).")
-    return pd.concat([pd.read_csv(folder / f"{n}.csv").assign(notebook=n) for n in notebooks], ignore_index=True)
+        raise FileNotFoundError(f"no verdicts at {missing}: run those notebooks first with the same results_dir "
+                                f"and budget (make walkthrough runs them in order).")
+    return pd.concat([pd.read_csv(path).assign(notebook=n) for n, path in files.items()], ignore_index=True)
 
 
 def parse_markdown(text):

@@ -72,6 +72,7 @@ def test_rendered_table_checks_itself():
 def test_gather_and_readme(tmp_path):
     table = verdicts.verdicts(synthetic_summary({"good": 0.05}), [claim("good")])
     verdicts.save(table, tmp_path, "01_x")
+    verdicts.save(table.assign(verdict="not reproduced"), tmp_path, "01_x", "smoke")  # another setting
     with pytest.raises(FileNotFoundError, match="02_y"):
         verdicts.gather(tmp_path, ["01_x", "02_y"])
     board = verdicts.gather(tmp_path, ["01_x"])
