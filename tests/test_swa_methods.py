@@ -84,14 +84,23 @@ def test_vision_only_trains_its_head_and_gives_nan_on_new_classes(setup):
     assert swa.head is not None and swa.head.weight.shape == (4, 128)
 
 
-def test_fraction_sweep_shares_the_swa_trajectory(setup):
+def test_fraction_sweep_shares_the_swa_trajectory_only_on_the_same_schedule(setup, monkeypatch):
     model, tokenizer, _ = setup
     bench = experiments.dg_benchmark("shapeworld", test_domain="painting", n_train_per_class=2, n_test_per_class=1)
     bench = bench.with_transform(models.mini_preprocess)
     assert bench.train_domains == ["photo", "sketch", "cartoon"] and set(bench.train.domains) == set(bench.train_domains)
+    trained = []
+    real = experiments.finetune
+    monkeypatch.setattr(experiments, "finetune", lambda model, method, *a, **k: trained.append(method.name)
+                        or real(model, method, *a, **k))
+    cosine = {"ce-swa": dict(swa_lr=None)}  # SWA on ce's own schedule: ce is its live model
     results = experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa", "vision-only"], [0, 0.5],
-                                         seeds=[0], num_steps=2, batch_size=8, progress=False)
-    assert set(results.method) == {"ce", "ce-swa", "vision-only"}
+                                         seeds=[0], num_steps=2, batch_size=8, progress=False, hparams=cosine)
+    assert set(results.method) == {"ce", "ce-swa", "vision-only"} and len(trained) == 2 * 2  # ce shares a run
+    trained.clear()
+    experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa"], [0.5], seeds=[0], num_steps=2,
+                               batch_size=8, progress=False)  # the averaging phase changes the trajectory
+    assert len(trained) == 2
     assert len(results) == 3 * 2 * len(sw.DOMAINS)
     zero = results[results.fraction == 0].pivot_table(index="domain", columns="method", values="accuracy")
     assert (zero["ce"] == zero["ce-swa"]).all()  # fraction 0 is the zero-shot model for both

@@ -105,9 +105,14 @@ class StochasticWeightAveraging(Modifier):
     schedule stops where averaging starts, and torch's SWALR, stepped once per averaged period, moves the rate
     from its value there to swa_lr by a cosine anneal over swa_anneal periods (the paper: 10 epochs, or as many
     as it averages if fewer), then holds it. The paper averages 10 epochs, so its rate rises from 1e-6 (the
-    base schedule's value after 20 epochs) towards swa_lr = 1e-4 for all of them and never holds."""
+    base schedule's value after 20 epochs) towards swa_lr = 1e-4 for all of them and never holds.
+
+    The default is the averaging phase at swa_lr = 1e-4, the paper's value, which is notebook 02's base rate and a
+    third of the registry's: the states spread at the rate training ran at. The paper's ratio (ten times its base
+    rate of 1e-5) would be 1e-3 in notebook 02; measured there (3 seeds, 40 steps), it cost OOD accuracy at 10 %
+    of the data (-2.2 +/- 2.5 points against ce) where 1e-4 did not (+0.2 +/- 3.8)."""
     name = "swa"
-    MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None, swa_lr=None, swa_anneal=10)
+    MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None, swa_lr=1e-4, swa_anneal=10)
     MODIFIER_RANGES = dict(
         swa_start=Number(0, 1, high_open=True, why="the fraction of training before averaging; the paper uses 0.5"),
         swa_every=Number(1, integer=True, none_ok=True, why="steps between averaged states; None is one epoch"),
