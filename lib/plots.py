@@ -117,8 +117,8 @@ def per_layer_figure(counts, title="SAFT: selected parameters per layer"):
 
 
 def _percent(value):
-    """A share in percent with three significant digits and no exponent: 100%, 8.6%, 0.032%."""
-    return f"{value:.3g}%" if value >= 1e-3 or value == 0 else f"{value:.1e}%"
+    """A share in percent with three significant digits and no exponent: 100%, 8.6%, 0.032%, <0.001%."""
+    return f"{value:.3g}%" if value >= 1e-3 or value == 0 else "<0.001%"
 
 
 def saft_alpha_figure(scores, alpha, title=None):

@@ -140,7 +140,7 @@ def test_sixteen_methods_get_sixteen_looks_and_shares_print_without_exponents():
     styles = plots._method_styles([f"method {i}" for i in range(16)])
     assert len({(tuple(s["color"]), s["marker"]) for s in styles.values()}) == 16
     assert len({tuple(s["color"]) for s in styles.values()}) == 16
-    assert [plots._percent(v) for v in (100, 8.601, 0.032, 0)] == ["100%", "8.6%", "0.032%", "0%"]
+    assert [plots._percent(v) for v in (100, 8.601, 0.032, 0.00031, 0)] == ["100%", "8.6%", "0.032%", "<0.001%", "0%"]
 
 
 def test_most_changed_blocks_finds_the_block_that_moved_most_and_the_least_similar_output():
