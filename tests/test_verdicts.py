@@ -67,6 +67,11 @@ def test_rendered_table_checks_itself():
     assert "Of 2 claims, 1 reproduced, 1 not reproduced, 0 undecided" in text
     assert verdicts.check_markdown(text.replace("| reproduced |", "| not reproduced |", 1))  # the verdict lies
     assert verdicts.check_markdown(text.replace("1 reproduced, 1 not", "2 reproduced, 0 not"))  # the sentence lies
+    points = {"base": [0.0, 0.0, 0.0], "edge": [-0.1, 0.5, 0.3]}  # in points: interval [-0.53, +0.99]
+    edge = verdicts.verdicts(pd.DataFrame([{"method": m, "seed": s, "new": 0.6 + v / 100} for m, values in
+                                           points.items() for s, v in enumerate(values)]), [claim("edge")])
+    assert edge.ci_high[0] < 1 and f"{edge.ci_high[0]:+.1f}" == "+1.0" and edge.verdict[0] == "not reproduced"
+    assert verdicts.check_markdown(verdicts.report(edge).data) == []  # rounding to the bar is not a lie
 
 
 def test_gather_and_readme(tmp_path):
