@@ -127,7 +127,8 @@ def check_markdown(text, smallest_effect=SMALLEST_EFFECT):
         low, high = (float(x) for x in re.findall(r"[-+]?\d+\.\d+|nan", row["95 % CI"]))
         bar = float(row["bar"].lstrip("> "))
         # The table shows one decimal: a verdict is consistent when the unrounded interval could give it.
-        possible = {verdict(low + a, high + b, bar, smallest_effect) for a in (-0.05, 0, 0.05) for b in (-0.05, 0, 0.05)}
+        shifts = (-0.05, 0, 0.05)
+        possible = {verdict(low + a, high + b, bar, smallest_effect) for a in shifts for b in shifts}
         if row["verdict"] not in possible:
             problems.append(f"{row['claim']} ({row['comparison']}): says {row['verdict']!r}, its interval "
                             f"[{low}, {high}] gives {sorted(possible)}")
