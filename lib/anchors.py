@@ -280,8 +280,14 @@ class CandidateCorpus:
         return self._make_pairs(np.asarray(indices, dtype=np.int64))
 
     @classmethod
-    def shapeworld(cls, n=20_000, seed=0, noise=0.05):
+    def shapeworld(cls, n=20_000, seed=0, noise=0.05, classes=None):
+        """The first n pairs of the "candidates" stream; with `classes` (class names), only those among them whose
+        every object, main and distractors, is of one of these classes (a control without other classes)."""
         scenes, captions = shapeworld.web_captions(n, seed, stream="candidates", noise=noise)
+        if classes is not None:
+            allowed = np.append(np.isin(shapeworld.CLASSES, list(classes)), True)  # index -1: no distractor
+            keep = np.flatnonzero(allowed[scenes["shape"]] & allowed[scenes["distractor_shape"]].all(axis=1))
+            scenes, captions = shapeworld.subset_scenes(scenes, keep), [captions[i] for i in keep]
         return cls(captions, lambda idx: shapeworld.render_corpus(shapeworld.subset_scenes(scenes, idx),
                                                                   [captions[i] for i in idx]))
 

@@ -168,7 +168,8 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     domains and nested across fractions for one seed. The number of optimizer steps is FIXED (num_steps at every
     fraction > 0: equal compute per point, and a small sample is seen for more epochs); fraction 0 trains nothing
     (zero-shot for CLIP methods, a random head for vision-only). A method "X+swa" (or alias "X-swa") and "X" in
-    the same call share one trajectory: X is the live model at the end of the SWA run, so the pair costs one run.
+    the same call share one trajectory when X+swa keeps X's schedule (swa_lr None): X is the live model at the end of
+    the SWA run, so the pair costs one run.
 
     Returns a tidy table: method, fraction, seed, domain, n, accuracy (every class in one group, "all").
     """
@@ -177,8 +178,11 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     hparams = hparams or {}
     classes = {"all": bench.train.ids}  # class ids of the test set (the same classes, all of them)
     resolved = {m: ALIASES.get(m, m) for m in methods}
-    shared = {m: next(s for s in methods if resolved[s] == f"{resolved[m]}+swa")
-              for m in methods if any(resolved[s] == f"{resolved[m]}+swa" for s in methods)}
+    # Only an SWA run that keeps the base schedule (swa_lr None) has X's trajectory; the averaging phase changes it.
+    keeps_schedule = [m for m in methods if resolved[m].endswith("+swa")
+                      and get_method(m, **hparams.get(m, {})).hparams["swa_lr"] is None]
+    shared = {m: next(s for s in keeps_schedule if resolved[s] == f"{resolved[m]}+swa")
+              for m in methods if any(resolved[s] == f"{resolved[m]}+swa" for s in keeps_schedule)}
     runs = [(m, f, s) for f in fractions for s in seeds for m in methods if m not in shared]
     tables = []
     for name, fraction, seed in tqdm(runs, desc="runs", disable=not progress):

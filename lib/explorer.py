@@ -48,17 +48,24 @@ def knob_grid(grid, knob, value):
     return {**grid, "methods": [method], "hparams": hparams}
 
 
-def frontier(grid, choices, results_dir="results", device="auto"):
+def frontier(grid, choices, results_dir="results", device="auto", progress=True):
     """One summary row per knob (mean over the grid's seeds): knob, method, value, id, domain_shift, new, hm.
-    choices: {knob: value}; a value not stored yet is trained through the runner (and stored)."""
+    choices: {knob: value}; a value not stored yet is trained through the runner (and stored), with the runner's
+    progress bar (it names the method) unless progress=False."""
     rows = []
     for knob, value in choices.items():
         point = knob_grid(grid, knob, value)
-        results = runner.run_grid(point, results_dir, device=device, progress=False)
+        results = runner.run_grid(point, results_dir, device=device, progress=progress)
         summary = summarize(results, point["train_domains"])
         rows.append({"knob": knob, "method": KNOBS[knob][0], "value": value,
                      **summary[["id", "domain_shift", "new", "hm"]].mean().to_dict()})
     return pd.DataFrame(rows)
+
+
+def missing_runs(grid, choices, results_dir="results"):
+    """How many runs frontier(grid, choices) would train: those not stored yet (what a first use costs)."""
+    runs = [run for knob, value in choices.items() for run in runner.expand(knob_grid(grid, knob, value))]
+    return sum(not (Path(results_dir) / f"{runner.run_key(run)}.csv").exists() for run in runs)
 
 
 def stored(grid, results_dir="results"):
@@ -69,7 +76,8 @@ def stored(grid, results_dir="results"):
             runs = runner.expand(knob_grid(grid, knob, value))
             if all(runner.stored(results_dir, runner.run_key(run))[0] for run in runs):
                 done.setdefault(knob, []).append(value)
-    return pd.concat([frontier(grid, {knob: value}, results_dir) for knob, values in done.items() for value in values],
+    return pd.concat([frontier(grid, {knob: value}, results_dir, progress=False) for knob, values in done.items()
+                      for value in values],
                      ignore_index=True) if done else pd.DataFrame(columns=["knob", "method", "value", "id",
                                                                             "domain_shift", "new", "hm"])
 
@@ -82,3 +90,20 @@ def explore(grid, choices, wise=None, wise_alpha=None, references=None, results_
     seeds = ", ".join(map(str, grid.get("seeds", [0])))
     return tradeoff_figure(stored(grid, results_dir), chosen, wise, wise_alpha, references,
                            title=f"the trade-off explorer (seeds {seeds}; large points: the sliders' values)")
+
+
+def interact(draw, note, manual=False, **sliders):
+    """ipywidgets' interact for `draw(**values)`, a function that draws a matplotlib figure (and may return it): the
+    figure is shown once per move (interact alone shows a returned figure twice, matplotlib's and the value's), and
+    a reader without a kernel (a committed notebook, a static viewer) sees `note`, not the widget's text."""
+    import ipywidgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    def show(**values):
+        draw(**values)
+        plt.show()
+    widget = ipywidgets.interactive(show, {"manual": manual, "manual_name": "Run"}, **sliders)
+    bundle = widget._repr_mimebundle_()
+    bundle["text/plain"] = note
+    display(bundle, raw=True)  # returns nothing: a returned widget would be displayed a second time

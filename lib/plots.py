@@ -89,8 +89,9 @@ def loss_curves(histories, title="training loss"):
 
 def per_layer_figure(counts, title="SAFT: selected parameters per layer"):
     """Bars of selected entries per residual block (ResNet stage for a ModifiedResNet image tower), one panel
-    per encoder; `counts` is lib.sparse.per_layer_counts(mask). Block -1 (embeddings, stem, attention pool,
-    final norms, projections) is drawn as "outside"; the label above a bar is its share of that group (%)."""
+    per encoder, on a log axis; `counts` is lib.sparse.per_layer_counts(mask). Block -1 (embeddings, stem,
+    attention pool, final norms, projections) is drawn as "outside"; the label above a bar is its share of that
+    group (%)."""
     encoders = [e for e in ("image", "text", "other") if e in set(counts.encoder)]
     fig, axes = plt.subplots(1, len(encoders), figsize=(3.2 + 2.4 * len(encoders), 3.4), squeeze=False,
                              gridspec_kw={"width_ratios": [max(2, (counts.encoder == e).sum()) for e in encoders]})
@@ -99,17 +100,25 @@ def per_layer_figure(counts, title="SAFT: selected parameters per layer"):
         rows = counts[counts.encoder == encoder].sort_values("block")
         labels = ["outside" if b < 0 else str(b) for b in rows.block]
         bars = ax.bar(labels, rows["count"], color=palette[encoder])
-        for bar, count, total in zip(bars, rows["count"], rows["total"]):
-            ax.annotate(f"{100 * count / total:.2g}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+        for bar, count, total in zip(bars, rows["count"], rows["total"]):  # vertical, so that 13 bars never collide
+            ax.annotate(_percent(100 * count / total), (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 1)),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                        rotation=90)
+        ax.set_yscale("log")  # counts span 1 to 1e5: a linear axis hides every small block
+        ax.set_ylim(0.8, 30 * max(1, rows["count"].max()))
         ax.set_title(f"{encoder} encoder ({int(rows['count'].sum()):,} selected)" if encoder != "other"
                      else f"other ({int(rows['count'].sum()):,})", fontsize=10)
-        ax.set_xlabel("residual block / stage" if encoder != "other" else "")
-        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("residual block" if encoder != "other" else "")
+        ax.tick_params(axis="x", labelsize=8, rotation=90 if len(labels) > 6 else 0)
     axes[0][0].set_ylabel("selected entries (count)")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _percent(value):
+    """A share in percent with three significant digits and no exponent: 100%, 8.6%, 0.032%, <0.001%."""
+    return f"{value:.3g}%" if value >= 1e-3 or value == 0 else "<0.001%"
 
 
 def saft_alpha_figure(scores, alpha, title=None):
@@ -158,11 +167,13 @@ def fraction_curves(table, metrics=("id", "ood"), reference=None, title="", labe
             ax.fill_between(x, y - half, y + half, color=palette[method], alpha=0.2, linewidth=0)
         for (label, values), style in zip((reference or {}).items(), ("--", ":", "-.")):
             ax.axhline(100 * values[metric], color="gray", linestyle=style, linewidth=1, label=label)
-        ax.set_xlabel("training data used (% of the source-domain training split)")
+        ax.set_xlabel("training data (%)")
         ax.set_title(labels.get(metric, metric), fontsize=10)
     axes[0][0].set_ylabel("accuracy (%, mean and 95 % CI over seeds)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
+    fig.supxlabel("x: the share of the source domains' training split used, the same number of steps at every share",
+                  fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -263,24 +274,36 @@ def _wrap(text, width=34):
 def id_ood_scatter(table, x_metrics=("domain_shift", "new"), title="every method: ID against OOD accuracy"):
     """One point per method with 95 % CI bars on both axes (a lib.evaluate.with_ci table): ID accuracy against
     each OOD metric. Up and to the right is better; the zero-shot point, when present, is a black star."""
-    fig, axes = plt.subplots(1, len(x_metrics), figsize=(5.6 * len(x_metrics), 4.4), squeeze=False)
-    methods = list(table["method"])
-    palette = dict(zip(methods, sns.color_palette("husl", len(methods))))
+    fig, axes = plt.subplots(1, len(x_metrics), figsize=(5.2 * len(x_metrics) + 2.4, 4.4), squeeze=False)
+    styles = _method_styles(list(table["method"]))
     for ax, metric in zip(axes[0], x_metrics):
         for row in table.itertuples():
             x, y = 100 * getattr(row, metric), 100 * row.id
             if np.isnan(x):
                 continue
-            style = dict(marker="*", ms=14, color="black") if row.method == "zeroshot" else \
-                dict(marker="o", ms=6, color=palette[row.method])
             ax.errorbar(x, y, xerr=100 * np.nan_to_num(getattr(row, f"{metric}_ci")),
-                        yerr=100 * np.nan_to_num(row.id_ci), capsize=2, linestyle="none", label=row.method, **style)
-            ax.annotate(row.method, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+                        yerr=100 * np.nan_to_num(row.id_ci), capsize=2, linestyle="none", label=row.method,
+                        **styles[row.method])
         ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric).replace(chr(10), ' ')} accuracy (%)")
         ax.set_ylabel("ID accuracy (%)")
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="method (no point: no new-class head)")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _method_styles(methods):
+    """{method: errorbar/plot style}: 20 distinct colours and 8 markers, so that 16 methods never share a look;
+    zero-shot is a black star."""
+    colors = sns.color_palette("tab20", 20)
+    markers = "osD^vP<>"
+    styles = {m: dict(marker=markers[i % len(markers)], ms=6, color=colors[(2 * i) % 20 + (i // 10) % 2])
+              for i, m in enumerate(methods)}
+    if "zeroshot" in styles:
+        styles["zeroshot"] = dict(marker="*", ms=13, color="black")
+    return styles
 
 
 def reliability_diagram(tables, title="reliability diagram", ece=None, columns=5):
@@ -337,33 +360,51 @@ def change_figure(table, title="where each method changes the model"):
     """The per-block picture from lib.change.change_table: top row the relative weight change
     ||theta - theta_0|| / ||theta_0|| per residual block (log scale), bottom row the linear CKA of each block's
     output with the zero-shot model's (1 = unchanged up to rotation and scale); one column per tower, one line
-    per method. Blocks outside the residual stack (block -1) are left out, and so are changes below
-    lib.change.UNMOVED (float rounding)."""
-    blocks = table[table.block >= 0]
-    encoders = [e for e in ("image", "text") if e in set(blocks.encoder)]
+    per method in its own colour and marker. The parameters outside the residual blocks (embeddings, final norm,
+    projections; block -1) are the point "outside" at the left of the top row (they have no output of their own,
+    so no CKA); changes below lib.change.UNMOVED (float rounding) are left out."""
+    encoders = [e for e in ("image", "text") if e in set(table.encoder)]
     methods = list(dict.fromkeys(table["method"]))
-    palette = dict(zip(methods, sns.color_palette("husl", len(methods))))
-    fig, axes = plt.subplots(2, len(encoders), figsize=(4.6 * len(encoders) + 1.6, 6.4), squeeze=False,
+    styles = _method_styles(methods)
+    fig, axes = plt.subplots(2, len(encoders), figsize=(4.6 * len(encoders) + 2.2, 6.6), squeeze=False,
                              sharex="col")
     for column, encoder in enumerate(encoders):
-        rows = blocks[blocks.encoder == encoder]
+        rows = table[table.encoder == encoder]
         moved = rows[rows.relative_change >= UNMOVED]  # float rounding of an average is not a move
         for row, (data, metric, label) in enumerate(((moved, "relative_change", "relative weight change"),
-                                                      (rows, "cka", "CKA with zero-shot output"))):
+                                                      (rows[rows.block >= 0], "cka", "CKA with zero-shot output"))):
             ax = axes[row][column]
-            sns.lineplot(data=data, x="block", y=metric, hue="method", hue_order=methods, palette=palette,
-                         marker="o", ax=ax, legend=row == 0 and column == len(encoders) - 1)
+            means = data.groupby(["method", "block"], sort=False)[metric].agg(["mean", "sem", "count"])
+            for method in methods:
+                if method not in means.index.get_level_values("method"):
+                    continue
+                line = means.loc[method].sort_index()
+                half = np.nan_to_num(line["sem"].to_numpy() * _t95(line["count"].to_numpy()))
+                style = styles[method]
+                ax.plot(line.index, line["mean"], label=method, linewidth=1.2, **style)
+                low = line["mean"] - half
+                if row == 0:  # a log axis: a band that reaches 0 is cut where a change stops counting as one
+                    low = np.maximum(low, UNMOVED)
+                ax.fill_between(line.index, low, line["mean"] + half, color=style["color"], alpha=0.12, linewidth=0)
             ax.set_ylabel(label)
-            ax.set_xlabel("residual block (stage for a ResNet)" if row == 1 else "")
-            ax.set_xticks(sorted(set(rows.block)))
+            ax.set_xlabel("residual block" if row == 1 else "")
+            blocks = sorted(set(rows.block))
+            ax.set_xticks(blocks, ["outside" if b < 0 else str(b) for b in blocks], fontsize=8)
         axes[0][column].set_yscale("log")
         axes[0][column].set_title(f"{encoder} encoder")
-    legend = axes[0][-1].get_legend()
-    if legend is not None:
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1.0), title="method", fontsize=8)
+    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="method")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _t95(counts):
+    """The 95 % Student-t quantile for each count of seeds (NaN for one seed: no band)."""
+    import scipy.stats
+    counts = np.asarray(counts, dtype=float)
+    return np.where(counts > 1, scipy.stats.t.ppf(0.975, np.maximum(counts - 1, 1)), np.nan)
 
 
 def tradeoff_figure(points, selected, wise=None, wise_alpha=None, references=None, x_metrics=("domain_shift", "new"),

@@ -353,7 +353,8 @@ def execute(runs, todo, benchmarks, results_dir="results", device="auto", progre
     results_dir = Path(results_dir)
     writer = _rank() == 0
     loaded, deferred = {}, []
-    for run in tqdm(todo, desc=f"runs ({len(runs) - len(todo)} of {len(runs)} done before)",
+    names = ", ".join(dict.fromkeys(str(run.get("method")) for run in runs))
+    for run in tqdm(todo, desc=f"{names}: runs ({len(runs) - len(todo)} of {len(runs)} done before)",
                     disable=not (progress and writer)):
         with _claim(results_dir, run_key(run), blocking=False) as claimed:
             if claimed is None:

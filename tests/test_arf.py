@@ -94,6 +94,27 @@ def test_candidate_pairs_are_the_web_corpus_items():
     assert pairs.captions == [whole.captions[31], whole.captions[4]] == [corpus.captions[31], corpus.captions[4]]
 
 
+def test_candidates_of_some_classes_keep_exactly_the_pairs_whose_every_object_is_of_them():
+    classes = list(sw.CLASSES[:6])
+    whole = sw.web_corpus(200, seed=0, stream="candidates")
+    kept = [i for i in range(200) if whole.scenes["shape"][i] < 6 and (whole.scenes["distractor_shape"][i] < 6).all()]
+    corpus = anchors.CandidateCorpus.shapeworld(200, classes=classes)
+    assert 0 < len(corpus) == len(kept) < 200
+    assert corpus.captions == [whole.captions[i] for i in kept]
+    assert torch.equal(corpus.pairs([0, len(kept) - 1]).images, whole.images[[kept[0], kept[-1]]])
+
+
+def test_arf_control_retrieves_only_pictures_of_the_training_classes(setup):
+    model, tokenizer, train = setup
+    method = methods.get_method("arf-ret", num_candidates=300, k=3, candidate_classes="train")
+    method.setup(model, tokenizer, train, num_steps=1, seed=0)
+    shown = {sw.CLASSES[c] for c in method.anchor_set.scenes["shape"]}
+    shown |= {sw.CLASSES[c] for c in method.anchor_set.scenes["distractor_shape"].flatten() if c >= 0}
+    assert shown and shown <= set(train.classnames) and len(train.classnames) < len(sw.CLASSES)
+    with pytest.raises(ValueError, match="candidate_classes"):
+        methods.get_method("arf-ret", candidate_classes="base").setup(model, tokenizer, train, num_steps=1, seed=0)
+
+
 def test_candidate_csv_loads_images_relative_to_the_file(tmp_path):
     from PIL import Image
     (tmp_path / "img").mkdir()

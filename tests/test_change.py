@@ -129,8 +129,18 @@ def test_change_figure_draws_both_towers(vit):
     titles = [ax.get_title() for ax in fig.axes]
     assert "image encoder" in titles and "text encoder" in titles
     assert fig._suptitle.get_text() == "per block"
-    assert any(ax.get_legend() for ax in fig.axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ft", "zeroshot"]  # one legend for the figure
+    assert "outside" in [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]  # parameters outside blocks
+    assert "ResNet" not in " ".join(ax.get_xlabel() for ax in fig.axes)
     plots.plt.close(fig)
+
+
+def test_sixteen_methods_get_sixteen_looks_and_shares_print_without_exponents():
+    from lib import plots
+    styles = plots._method_styles([f"method {i}" for i in range(16)])
+    assert len({(tuple(s["color"]), s["marker"]) for s in styles.values()}) == 16
+    assert len({tuple(s["color"]) for s in styles.values()}) == 16
+    assert [plots._percent(v) for v in (100, 8.601, 0.032, 0.00031, 0)] == ["100%", "8.6%", "0.032%", "<0.001%", "0%"]
 
 
 def test_most_changed_blocks_finds_the_block_that_moved_most_and_the_least_similar_output():

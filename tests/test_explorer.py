@@ -36,3 +36,26 @@ def test_a_knob_value_trains_once_and_is_read_back_afterwards(monkeypatch, tmp_p
     assert [ax.get_xlabel().split(" (")[0] for ax in fig.axes] == ["domain shift", "new classes"]
     assert "bma_beta = 2" in [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     plots.plt.close(fig)
+
+
+def test_interact_shows_one_figure_per_move_and_a_note_without_a_kernel(monkeypatch):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import ipywidgets
+    from IPython import display as ipython_display
+    matplotlib.use("Agg")
+    shown, drawn = [], []
+    monkeypatch.setattr(ipython_display, "display", lambda bundle, raw=False: shown.append(bundle))
+    monkeypatch.setattr(plt, "show", lambda: drawn.append(len(plt.get_fignums())) or plt.close("all"))
+    result = explorer.interact(lambda beta: plt.subplots()[0], "a note", beta=ipywidgets.SelectionSlider(
+        options=[0.1, 0.5, 2.0], value=0.5))
+    assert result is None  # a returned widget would be shown twice
+    assert len(shown) == 1 and shown[0]["text/plain"] == "a note"
+    assert "application/vnd.jupyter.widget-view+json" in shown[0]
+    assert drawn == [1]  # drawn once when built, one figure
+    plt.close("all")
+
+
+def test_missing_runs_counts_what_a_first_use_trains(tmp_path):
+    assert explorer.missing_runs(GRID, {"bma_beta": 2.0, "saft_alpha": 0.01}, tmp_path) == 2
+    assert explorer.missing_runs({**GRID, "seeds": [0, 1]}, {"bma_beta": 2.0}, tmp_path) == 2

@@ -84,14 +84,23 @@ def test_vision_only_trains_its_head_and_gives_nan_on_new_classes(setup):
     assert swa.head is not None and swa.head.weight.shape == (4, 128)
 
 
-def test_fraction_sweep_shares_the_swa_trajectory(setup):
+def test_fraction_sweep_shares_the_swa_trajectory_only_on_the_same_schedule(setup, monkeypatch):
     model, tokenizer, _ = setup
     bench = experiments.dg_benchmark("shapeworld", test_domain="painting", n_train_per_class=2, n_test_per_class=1)
     bench = bench.with_transform(models.mini_preprocess)
     assert bench.train_domains == ["photo", "sketch", "cartoon"] and set(bench.train.domains) == set(bench.train_domains)
+    trained = []
+    real = experiments.finetune
+    monkeypatch.setattr(experiments, "finetune", lambda model, method, *a, **k: trained.append(method.name)
+                        or real(model, method, *a, **k))
+    cosine = {"ce-swa": dict(swa_lr=None)}  # SWA on ce's own schedule: ce is its live model
     results = experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa", "vision-only"], [0, 0.5],
-                                         seeds=[0], num_steps=2, batch_size=8, progress=False)
-    assert set(results.method) == {"ce", "ce-swa", "vision-only"}
+                                         seeds=[0], num_steps=2, batch_size=8, progress=False, hparams=cosine)
+    assert set(results.method) == {"ce", "ce-swa", "vision-only"} and len(trained) == 2 * 2  # ce shares a run
+    trained.clear()
+    experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa"], [0.5], seeds=[0], num_steps=2,
+                               batch_size=8, progress=False)  # the averaging phase changes the trajectory
+    assert len(trained) == 2
     assert len(results) == 3 * 2 * len(sw.DOMAINS)
     zero = results[results.fraction == 0].pivot_table(index="domain", columns="method", values="accuracy")
     assert (zero["ce"] == zero["ce-swa"]).all()  # fraction 0 is the zero-shot model for both
@@ -108,3 +117,55 @@ def test_swa_averages_the_epochs_that_start_after_the_start_fraction(setup):
     method = methods.get_method("ce+swa", batch_size=8, swa_every=1, swa_start=0.7)
     method.setup(model, tokenizer, train, num_steps=10, seed=0)
     assert method.swa_steps == [8, 9, 10]  # 0.7 * 10 is 7, not 7.000000000000001
+
+
+@pytest.mark.parametrize("swa_start, swa_every, swa_anneal", [(0.5, 2, 10), (0.3, 1, 3), (0.0, 3, 2)])
+def test_swa_lr_follows_the_papers_averaging_phase(setup, swa_start, swa_every, swa_anneal):
+    """swa_lr: the base schedule until averaging starts, then a cosine anneal to swa_lr over swa_anneal averaged
+    periods (fewer if fewer are averaged), the rate constant within a period: the closed form of paper 2's SWALR."""
+    model, tokenizer, train = setup
+    num_steps, lr, swa_lr = 20, 1e-3, 5e-3
+    method = methods.get_method("ce+swa", lr=lr, warmup_steps=2, batch_size=8, swa_start=swa_start,
+                                swa_every=swa_every, swa_lr=swa_lr, swa_anneal=swa_anneal)
+    method.setup(model, tokenizer, train, num_steps=num_steps, seed=0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = method.make_scheduler(optimizer, num_steps)
+    seen = []
+    for _ in range(num_steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    def cosine(step):
+        return lr * ((step + 1) / 2 if step < 2 else 0.5 * (1 + np.cos(np.pi * (step - 2) / (num_steps - 2))))
+    start = method.swa_steps[0] - swa_every
+    anneal = min(swa_anneal, len(method.swa_steps))
+    expected = []
+    for step in range(num_steps):
+        if step < start:
+            expected.append(cosine(step))
+        else:
+            alpha = (1 - np.cos(np.pi * min(1.0, ((step - start) // swa_every) / anneal))) / 2
+            expected.append(swa_lr * alpha + cosine(start) * (1 - alpha))
+    assert seen == pytest.approx(expected, rel=1e-6)
+    assert seen[-1] != pytest.approx(cosine(num_steps - 1))  # the phase does change the rate
+
+
+def test_swa_lr_spreads_the_averaged_states(setup):
+    """The paper's raised rate in the averaging phase moves the weights between averaged states far more than the
+    decaying cosine, whose last states barely differ (why SWA had no effect under the cosine schedule)."""
+    model, tokenizer, train = setup
+    spreads = {}
+    for swa_lr in (None, 1e-3):
+        states = []
+        method = methods.get_method("ce+swa", lr=1e-4, batch_size=8, warmup_steps=1, swa_every=2, swa_lr=swa_lr)
+        original = method.after_step
+
+        def record(model, step, original=original, method=method, states=states):
+            original(model, step)
+            if step + 1 in method.swa_steps:
+                states.append(model.visual.proj.detach().clone())
+        method.after_step = record
+        finetune(model, method, train, tokenizer, num_steps=12, progress=False)
+        spreads[swa_lr] = max((a - b).norm().item() for a, b in zip(states, states[1:]))
+    assert spreads[1e-3] > 3 * spreads[None] > 0

@@ -37,10 +37,12 @@ class ContrastiveFineTune(Method):
       `candidates` is a lib.anchors.CandidateCorpus, a CSV path, webdataset shards (a folder of .tar files, e.g.
       CC3M as img2dataset writes it; its caption embeddings are cached on disk once), or None for ShapeWorld's
       candidate stream of `num_candidates` pairs.
+      `candidate_classes="train"` keeps only the candidates whose every object is of a training class: our
+      control for how much of L_Ret's effect comes from pictures of classes the training set lacks.
     """
     name = "flyp"
     HPARAMS = dict(cap_weight=0.0, ret_weight=0.0, caption_noise=0.0, captions=None, candidates=None,
-                   num_candidates=20_000, k=8, anchor_fraction=0.5)
+                   num_candidates=20_000, k=8, anchor_fraction=0.5, candidate_classes="all")
     RANGES = dict(cap_weight=Number(0, why="the weight of the caption-anchor loss"),
                   ret_weight=Number(0, why="the weight of the retrieved-anchor loss"),
                   caption_noise=Number(0, 1, why="the chance of a wrong attribute word"),
@@ -75,8 +77,13 @@ class ContrastiveFineTune(Method):
             self.captions = captioner(train_set)
         if self.hparams["ret_weight"]:
             corpus = self.hparams["candidates"]
-            if corpus is None:
-                corpus = anchors.CandidateCorpus.shapeworld(self.hparams["num_candidates"])
+            if self.hparams["candidate_classes"] not in ("all", "train"):
+                raise ValueError(f"candidate_classes must be 'all' or 'train' (ShapeWorld's candidates of the "
+                                 f"training classes only); got {self.hparams['candidate_classes']!r}.")
+            if corpus is None:  # "train": a control whose anchors show no class the training set lacks
+                corpus = anchors.CandidateCorpus.shapeworld(
+                    self.hparams["num_candidates"],
+                    classes=train_set.classnames if self.hparams["candidate_classes"] == "train" else None)
             elif not isinstance(corpus, anchors.CandidateCorpus):
                 corpus = anchors.CandidateCorpus.from_path(corpus)
             text_features = anchors.cached_text_embeddings(model, tokenizer, corpus.captions,
