@@ -162,7 +162,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     optimizer = method.make_optimizer(named)
-    scheduler = cosine_schedule(optimizer, num_steps, method.hparams["warmup_steps"])
+    scheduler = method.make_scheduler(optimizer, num_steps)
     params = [p for _, p in named]
     rank, world = rank_and_world()
     batch_size = min(method.hparams["batch_size"], len(train_set))

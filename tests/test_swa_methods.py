@@ -108,3 +108,55 @@ def test_swa_averages_the_epochs_that_start_after_the_start_fraction(setup):
     method = methods.get_method("ce+swa", batch_size=8, swa_every=1, swa_start=0.7)
     method.setup(model, tokenizer, train, num_steps=10, seed=0)
     assert method.swa_steps == [8, 9, 10]  # 0.7 * 10 is 7, not 7.000000000000001
+
+
+@pytest.mark.parametrize("swa_start, swa_every, swa_anneal", [(0.5, 2, 10), (0.3, 1, 3), (0.0, 3, 2)])
+def test_swa_lr_follows_the_papers_averaging_phase(setup, swa_start, swa_every, swa_anneal):
+    """swa_lr: the base schedule until averaging starts, then a cosine anneal to swa_lr over swa_anneal averaged
+    periods (fewer if fewer are averaged), the rate constant within a period: the closed form of paper 2's SWALR."""
+    model, tokenizer, train = setup
+    num_steps, lr, swa_lr = 20, 1e-3, 5e-3
+    method = methods.get_method("ce+swa", lr=lr, warmup_steps=2, batch_size=8, swa_start=swa_start,
+                                swa_every=swa_every, swa_lr=swa_lr, swa_anneal=swa_anneal)
+    method.setup(model, tokenizer, train, num_steps=num_steps, seed=0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = method.make_scheduler(optimizer, num_steps)
+    seen = []
+    for _ in range(num_steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    def cosine(step):
+        return lr * ((step + 1) / 2 if step < 2 else 0.5 * (1 + np.cos(np.pi * (step - 2) / (num_steps - 2))))
+    start = method.swa_steps[0] - swa_every
+    anneal = min(swa_anneal, len(method.swa_steps))
+    expected = []
+    for step in range(num_steps):
+        if step < start:
+            expected.append(cosine(step))
+        else:
+            alpha = (1 - np.cos(np.pi * min(1.0, ((step - start) // swa_every) / anneal))) / 2
+            expected.append(swa_lr * alpha + cosine(start) * (1 - alpha))
+    assert seen == pytest.approx(expected, rel=1e-6)
+    assert seen[-1] != pytest.approx(cosine(num_steps - 1))  # the phase does change the rate
+
+
+def test_swa_lr_spreads_the_averaged_states(setup):
+    """The paper's raised rate in the averaging phase moves the weights between averaged states far more than the
+    decaying cosine, whose last states barely differ (why SWA had no effect under the cosine schedule)."""
+    model, tokenizer, train = setup
+    spreads = {}
+    for swa_lr in (None, 1e-3):
+        states = []
+        method = methods.get_method("ce+swa", lr=1e-4, batch_size=8, warmup_steps=1, swa_every=2, swa_lr=swa_lr)
+        original = method.after_step
+
+        def record(model, step, original=original, method=method, states=states):
+            original(model, step)
+            if step + 1 in method.swa_steps:
+                states.append(model.visual.proj.detach().clone())
+        method.after_step = record
+        finetune(model, method, train, tokenizer, num_steps=12, progress=False)
+        spreads[swa_lr] = max((a - b).norm().item() for a, b in zip(states, states[1:]))
+    assert spreads[1e-3] > 3 * spreads[None] > 0

@@ -14,7 +14,7 @@ import torch
 
 from ..checks import Number, check_number, check_templates
 from ..data import templates_for
-from ..train import Trained
+from ..train import Trained, cosine_schedule
 
 
 class Method:
@@ -73,6 +73,11 @@ class Method:
         return torch.optim.AdamW([p for _, p in named_parameters], lr=self.hparams["lr"],
                                  weight_decay=self.hparams["weight_decay"])
 
+    def make_scheduler(self, optimizer, num_steps):
+        """The learning-rate schedule, stepped after every optimizer step: CLIP's linear warm-up and cosine decay,
+        unless a method needs its own (SWA's averaging phase)."""
+        return cosine_schedule(optimizer, num_steps, self.hparams["warmup_steps"])
+
     def loss(self, model, images, labels, indices):
         raise NotImplementedError
 
@@ -125,6 +130,9 @@ class Modifier(Method):
 
     def make_optimizer(self, named_parameters):
         return self.base.make_optimizer(named_parameters)
+
+    def make_scheduler(self, optimizer, num_steps):
+        return self.base.make_scheduler(optimizer, num_steps)
 
     def loss(self, model, images, labels, indices):
         return self.base.loss(model, images, labels, indices)

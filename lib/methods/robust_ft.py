@@ -71,14 +71,22 @@ class StochasticWeightAveraging(Modifier):
     with (k - 1) * swa_every >= swa_start * T, i.e. once per epoch over the last (1 - swa_start) of training, as
     in the paper's code (22 epochs from 2/3: the last 7), starting from a copy (the zero-shot weights are
     not in the average). swa_every=None means one epoch of the training set (len // batch size steps), as in the
-    paper's code; if no step qualifies, the final state is the average. The learning rate keeps the loop's
-    cosine schedule (no SWALR constant phase: the loop owns one scheduler for every method). `swa_steps` lists
-    the averaged steps."""
+    paper's code; if no step qualifies, the final state is the average. `swa_steps` lists the averaged steps.
+
+    The learning rate: swa_lr=None keeps the base method's schedule (a cosine decay to zero over the whole run, so
+    the averaged states lie close together). A number gives the paper's averaging phase (fmdg/_model.py): the base
+    schedule stops where averaging starts, and torch's SWALR, stepped once per averaged period, moves the rate
+    from its value there to swa_lr by a cosine anneal over swa_anneal periods (the paper: 10 epochs, or as many
+    as it averages if fewer), then holds it. The paper averages 10 epochs, so its rate rises from 1e-6 (the
+    base schedule's value after 20 epochs) towards swa_lr = 1e-4 for all of them and never holds."""
     name = "swa"
-    MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None)
+    MODIFIER_HPARAMS = dict(swa_start=0.5, swa_every=None, swa_lr=None, swa_anneal=10)
     MODIFIER_RANGES = dict(
         swa_start=Number(0, 1, high_open=True, why="the fraction of training before averaging; the paper uses 0.5"),
-        swa_every=Number(1, integer=True, none_ok=True, why="steps between averaged states; None is one epoch"))
+        swa_every=Number(1, integer=True, none_ok=True, why="steps between averaged states; None is one epoch"),
+        swa_lr=Number(0, low_open=True, none_ok=True,
+                      why="the learning rate of the averaging phase; None keeps the base schedule"),
+        swa_anneal=Number(1, integer=True, why="averaged periods over which the rate moves to swa_lr"))
 
     def setup(self, model, tokenizer, train_set, num_steps, seed):
         super().setup(model, tokenizer, train_set, num_steps, seed)
@@ -88,7 +96,15 @@ class StochasticWeightAveraging(Modifier):
         # The first period boundary at or after the start; rounded first, so that 0.7 * 10 counts as 7.
         first = math.ceil(round(start * num_steps / every, 9)) * every
         self.swa_steps = list(range(first + every, num_steps + 1, every)) or ([num_steps] if num_steps > 0 else [])
+        self.phase_start = max(0, self.swa_steps[0] - every) if self.swa_steps else num_steps
         self.average = StochasticWeightAverage(model)
+
+    def make_scheduler(self, optimizer, num_steps):
+        base = super().make_scheduler(optimizer, num_steps)
+        if self.hparams["swa_lr"] is None:
+            return base
+        anneal = min(self.hparams["swa_anneal"], len(self.swa_steps))
+        return _AveragingPhase(optimizer, base, self.phase_start, self.swa_steps, self.hparams["swa_lr"], anneal)
 
     def after_step(self, model, step):
         super().after_step(model, step)
@@ -100,6 +116,29 @@ class StochasticWeightAveraging(Modifier):
         if self.average.num_averaged == 0:  # no training happened (fraction 0 or num_steps 0)
             return self.live
         return super().finalize(self.average.module.eval(), history)
+
+
+class _AveragingPhase:
+    """The base schedule until step `start`, then torch's SWALR stepped at the end of each averaged period (the
+    loop steps a schedule after every optimizer step; the paper steps SWALR once per epoch)."""
+
+    def __init__(self, optimizer, base, start, swa_steps, swa_lr, anneal):
+        self.optimizer, self.base, self.start, self.swa_steps = optimizer, base, start, set(swa_steps)
+        self.swa_lr, self.anneal, self.steps_taken = swa_lr, anneal, 0
+        self.phase = self._swalr() if start == 0 else None
+
+    def _swalr(self):  # anneals from the rate the base schedule has reached when it is built
+        return torch.optim.swa_utils.SWALR(self.optimizer, self.swa_lr, anneal_epochs=self.anneal,
+                                           anneal_strategy="cos")
+
+    def step(self):
+        self.steps_taken += 1
+        if self.steps_taken <= self.start:
+            self.base.step()
+            if self.steps_taken == self.start:
+                self.phase = self._swalr()
+        if self.steps_taken in self.swa_steps:
+            self.phase.step()
 
 
 alias("ce-swa", "ce+swa")
