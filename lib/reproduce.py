@@ -3,8 +3,8 @@
 Every method of the recipe (lib.recipes) is trained and evaluated through lib.runner's store (run_grid: resumable,
 each run's result kept under --results-dir, torchrun-aware), on the recipe's benchmarks at its sizes, then our
 numbers are printed beside the published ones with the difference. Sizes can be overridden for a dry run
-(--num-steps, --batch-size, --n-train-per-class, --n-test-per-class, --fractions, --datasets, --model-name,
---pretrained none, --partial); the table then says it is not the recipe's setting.
+(--num-steps, --batch-size, --n-train-per-class, --n-test-per-class, --fractions, --datasets, --templates,
+--model-name, --pretrained none, --partial); the table then says it is not the recipe's setting.
 
     python -m lib.reproduce --list
     python -m lib.reproduce paper2-fmow --data-root /data/wilds
@@ -26,8 +26,8 @@ def _per_dataset(value, dataset):
 
 def plan(recipe, data_root, overrides=None, seeds=(0,), anchors=None):
     """The runner grids of a recipe: [(row label, fraction or None, grid)], one per method, benchmark and data
-    fraction. overrides: sizes (SIZE_OVERRIDES), fractions, datasets (some of the recipe's), model_name,
-    pretrained, partial (a copy whose image
+    fraction. overrides: sizes (SIZE_OVERRIDES), fractions, datasets (some of the recipe's), templates,
+    model_name, pretrained, partial (a copy whose image
     counts differ from the release); anchors: {captions, candidates}
     for ARF's methods."""
     overrides = dict(overrides or {})
@@ -51,7 +51,7 @@ def plan(recipe, data_root, overrides=None, seeds=(0,), anchors=None):
             values = {name: _per_dataset(v, dataset) for name, v in plain(hparams).items()}
             values.update({k: v for k, v in (anchors or {}).items() if k in values and v is not None})
             if "templates" in values:
-                values["templates"] = [templates(values["templates"])]  # a list in a grid is a sweep: one value
+                values["templates"] = [templates(overrides.get("templates", values["templates"]))]  # a list in a grid is a sweep: one value
             sizes = {name: _per_dataset(settings[name], dataset) for name in SIZE_OVERRIDES if name in settings}
             sizes.update({name: overrides[name] for name in SIZE_OVERRIDES if name in overrides})
             for fraction in ([0.0] if method == "zeroshot" else fractions) if fractions else [None]:
@@ -108,6 +108,9 @@ def ours(recipe, results):
         if column.group:
             rows = rows[rows.group == column.group]
         if column.domains == "held-out":  # each target's run on its held-out domain, then the mean over targets
+            if rows.empty:  # a dry run without this column's dataset
+                table[column.name] = pd.Series(dtype=float)
+                continue
             targets = leave_one_domain_out(rows.assign(method=rows.row), column.group or "base")
             table[column.name] = 100 * targets.groupby("method", sort=False)["average"].mean().rename_axis("row")
             continue
@@ -181,6 +184,7 @@ def main(argv=None):
     for name in SIZE_OVERRIDES:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="a dry run's size (not the recipe's)")
     parser.add_argument("--fractions", nargs="+", type=float, help="a dry run's data fractions (not the recipe's)")
+    parser.add_argument("--templates", nargs="+", help="a dry run's prompt templates (not the recipe's)")
     parser.add_argument("--datasets", nargs="+", help="a dry run on some of the recipe's datasets (not its table)")
     parser.add_argument("--model-name", help="a dry run's model (not the recipe's)")
     parser.add_argument("--pretrained", help="a dry run's weights; none = random (not the recipe's)")
@@ -199,7 +203,7 @@ def main(argv=None):
         parser.error(f"--fractions: {recipe.name} trains on the whole training set (no data fraction to sweep).")
     if args.data_root is None:
         parser.error("--data-root is required: the folder that holds the recipe's datasets (see README).")
-    overrides = {name: getattr(args, name) for name in (*SIZE_OVERRIDES, "fractions", "datasets", "model_name")
+    overrides = {name: getattr(args, name) for name in (*SIZE_OVERRIDES, "fractions", "datasets", "templates", "model_name")
                  if getattr(args, name) is not None}
     if args.pretrained is not None:
         overrides["pretrained"] = None if args.pretrained == "none" else args.pretrained

@@ -13,6 +13,7 @@ from conftest import make_wilds_copy
 import fabricate
 from lib import recipes, reproduce
 from lib.data import coop, folders
+from lib.data import imagenet as family
 
 COOP_CLASSES = ["c0", "c1", "c2", "c3"]  # four: base and new get two each (ceil and floor)
 
@@ -22,6 +23,8 @@ def data_root(tmp_path_factory):
     """One root holding every layout the recipes read, at a few images per class, and ARF's two inputs."""
     root = tmp_path_factory.mktemp("data")
     fabricate.imagenet(root, per_class=1)
+    others = {family.WNIDS[i]: i for i in range(1000) if i not in fabricate.IMAGENET_IDS}
+    fabricate.class_folders(root / family.TRAIN, others, 1)  # `lp` fits a head over the classes it is shown
     for dataset in coop.LAYOUTS:
         fabricate.coop_dataset(root, dataset, COOP_CLASSES, per_split=(1, 1, 1))
     for dataset, published in folders.PUBLISHED.items():
@@ -41,13 +44,13 @@ def test_every_recipe_runs_end_to_end_and_prints_the_published_column(name, data
     datasets = list(dict.fromkeys(run["dataset"] for run in recipe.runs))
     dataset = next((d for d in datasets if d != "ImageNet"), datasets[0])  # one benchmark keeps the test quick
     reproduce.main([name, "--datasets", dataset, "--data-root", str(data_root), "--results-dir", str(tmp_path),
-                    "--num-steps", "1", "--batch-size", "4", "--n-train-per-class", "1", "--n-test-per-class", "1",
+                    "--num-steps", "1", "--batch-size", "4", "--templates", "a photo of a {}.", "--n-train-per-class", "1", "--n-test-per-class", "1",
                     "--model-name", "mini", "--pretrained", "none", "--partial", "--device", "cpu",
                     "--captions", str(data_root / "captions.csv"), "--candidates", str(data_root / "candidates.csv"),
                     *(["--fractions", "1.0"] if "fraction" in recipe.settings else [])])
     out = capsys.readouterr().out
     assert "DRY RUN" in out and recipe.published_source in out
-    ours_part, published_part = out.split("beside the published figures")
+    ours_part, published_part = out.split("\nours:\n")[1].split("beside the published figures")
     for column in recipe.columns:
         assert column.name in ours_part
     for label, (method, _) in recipe.methods.items():
