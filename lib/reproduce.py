@@ -51,7 +51,8 @@ def plan(recipe, data_root, overrides=None, seeds=(0,), anchors=None):
             values = {name: _per_dataset(v, dataset) for name, v in plain(hparams).items()}
             values.update({k: v for k, v in (anchors or {}).items() if k in values and v is not None})
             if "templates" in values:
-                values["templates"] = [templates(overrides.get("templates", values["templates"]))]  # a list in a grid is a sweep: one value
+                # a list in a grid is a sweep: one value
+                values["templates"] = [templates(overrides.get("templates", values["templates"]))]
             sizes = {name: _per_dataset(settings[name], dataset) for name in SIZE_OVERRIDES if name in settings}
             sizes.update({name: overrides[name] for name in SIZE_OVERRIDES if name in overrides})
             for fraction in ([0.0] if method == "zeroshot" else fractions) if fractions else [None]:
@@ -203,7 +204,8 @@ def main(argv=None):
         parser.error(f"--fractions: {recipe.name} trains on the whole training set (no data fraction to sweep).")
     if args.data_root is None:
         parser.error("--data-root is required: the folder that holds the recipe's datasets (see README).")
-    overrides = {name: getattr(args, name) for name in (*SIZE_OVERRIDES, "fractions", "datasets", "templates", "model_name")
+    overrides = {name: getattr(args, name)
+                 for name in (*SIZE_OVERRIDES, "fractions", "datasets", "templates", "model_name")
                  if getattr(args, name) is not None}
     if args.pretrained is not None:
         overrides["pretrained"] = None if args.pretrained == "none" else args.pretrained

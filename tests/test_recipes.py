@@ -60,7 +60,8 @@ def test_every_recipe_runs_end_to_end_and_prints_the_published_column(name, requ
     data_root = request.getfixturevalue("imagenet_every_class" if dataset == "ImageNet" and linear_probe
                                         else "data_root")
     reproduce.main([name, "--datasets", dataset, "--data-root", str(data_root), "--results-dir", str(tmp_path),
-                    "--num-steps", "1", "--batch-size", "4", "--templates", "a photo of a {}.", "--n-train-per-class", "1", "--n-test-per-class", "1",
+                    "--num-steps", "1", "--batch-size", "4", "--templates", "a photo of a {}.",
+                    "--n-train-per-class", "1", "--n-test-per-class", "1",
                     "--model-name", "mini", "--pretrained", "none", "--partial", "--device", "cpu",
                     "--captions", str(data_root / "captions.csv"), "--candidates", str(data_root / "candidates.csv"),
                     *(["--fractions", "1.0"] if "fraction" in recipe.settings else [])])
