@@ -1,5 +1,5 @@
 """The papers' recipes (lib.recipes) and python -m lib.reproduce: sources, published figures, plans, and the
-recipes that run on today's code (WILDS) end to end at tiny sizes."""
+WILDS recipes end to end at tiny sizes with every fraction stored and resumed (every recipe: test_recipes.py)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -44,8 +44,9 @@ def test_clipood_table_1_plans_leave_one_domain_out_runs_with_its_per_dataset_se
     planned = reproduce.plan(recipes.get_recipe("clipood-table1"), "DATA")
     assert len(planned) == 2 * (4 * 4 + 6)  # CLIP and CLIPood, each held-out domain of 5 datasets
     pacs = [grid for label, _, grid in planned if label == "CLIPood" and grid["datasets"] == ["PACS"]]
-    assert [g["dataset_options"]["test_domain"] for g in pacs] == ["art_painting", "cartoon", "photo", "sketch"]
-    assert all(g["dataset_options"]["test_domain"] not in g["train_domains"] for g in pacs)
+    domains = ["art_painting", "cartoon", "photo", "sketch"]
+    assert [[d for d in domains if d not in g["train_domains"]] for g in pacs] == [[d] for d in domains]
+    assert all(g["dataset_options"] == dict(protocol="leave-one-domain-out", test_fraction=0.2) for g in pacs)
     assert pacs[0]["hparams"]["lr"] == 5e-6 and pacs[0]["num_steps"] == 5000 and pacs[0]["batch_size"] == 12
     domainnet = next(g for label, _, g in planned if label == "CLIPood" and g["datasets"] == ["DomainNet"])
     assert domainnet["hparams"]["lr"] == 1e-5 and domainnet["num_steps"] == 20 * 500
@@ -62,7 +63,7 @@ def test_ours_beside_published_differences():
     recipe = recipes.get_recipe("arf-table1-domainnet")
     domains = ["real", "sketch", "painting", "infograph", "clipart"]
     results = pd.DataFrame([dict(row=row, fraction=None, seed=seed, dataset="DomainNet", domain=d, group="base",
-                                 accuracy=0.5 + 0.1 * i + 0.01 * seed, test_domain=None)
+                                 accuracy=0.5 + 0.1 * i + 0.01 * seed)
                             for row in ("CLIP", "ARF") for seed in (0, 1) for i, d in enumerate(domains)])
     table = reproduce.ours(recipe, results)
     assert table.loc["ARF", "ID"] == pytest.approx(50.5) and table.loc["ARF", "Clipart"] == pytest.approx(90.5)
@@ -107,7 +108,7 @@ def test_arf_recipes_take_the_captions_and_candidates_given_and_clips_imagenet_t
     flyp = next(grid for label, _, grid in planned if label == "FLYP")
     assert "captions" not in flyp["hparams"]  # FLYP has no anchors
     assert arf["batch_size"] == 512 and "num_steps" not in arf  # 10 epochs: steps come from the loaded training set
-    assert {label for label, _, _ in planned} == {"CLIP", "LP", "FT", "FLYP", "ARF"}  # LP-FT: published row only
+    assert {label for label, _, _ in planned} == {"CLIP", "LP", "FT", "LP-FT", "FLYP", "ARF"}
 
 
 def test_epochs_become_steps_of_the_loaded_training_set(tmp_path):

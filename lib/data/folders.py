@@ -39,6 +39,7 @@ PROTOCOLS = {
     "base-to-new": (lambda n: math.ceil(n / 2), False),  # CoOp: first ceil(n/2) labels; each group on its own
     "in-the-wild": (lambda n: n // 2, True),  # CLIPood: first floor(n/2) class keys; base and new among both
     "leave-one-domain-out": (lambda n: n, False),  # CLIPood Table 1, DomainBed: all classes, one held-out domain
+    "domain-shift": (lambda n: n, False),  # ARF Table 1, DomainNet-Real: all classes, any train domains
 }
 
 
@@ -52,7 +53,8 @@ def load(root, dataset, train_domains, n_train_per_class=None, n_test_per_class=
     group classified among its own classes), "in-the-wild" (base = the first half rounded down; base and new test
     images classified among all classes, CLIPood's in-the-wild setting), "leave-one-domain-out" (every class is
     base; train_domains must be all domains but one, the target: average targets with
-    lib.evaluate.leave_one_domain_out). The folders are checked as load_domainbed says (class_folders, partial).
+    lib.evaluate.leave_one_domain_out), "domain-shift" (every class is base, any train domains: ARF's
+    DomainNet-Real column). The folders are checked as load_domainbed says (class_folders, partial).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r} for a DomainBed dataset; choose one of {list(PROTOCOLS)}.")
