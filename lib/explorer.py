@@ -65,7 +65,7 @@ def frontier(grid, choices, results_dir="results", device="auto", progress=True)
 def missing_runs(grid, choices, results_dir="results"):
     """How many runs frontier(grid, choices) would train: those not stored yet (what a first use costs)."""
     runs = [run for knob, value in choices.items() for run in runner.expand(knob_grid(grid, knob, value))]
-    return sum(not (Path(results_dir) / f"{runner.run_key(run)}.csv").exists() for run in runs)
+    return sum(not runner.stored(results_dir, runner.run_key(run))[0] for run in runs)
 
 
 def stored(grid, results_dir="results"):

@@ -44,6 +44,7 @@ def test_interact_shows_one_figure_per_move_and_a_note_without_a_kernel(monkeypa
     import ipywidgets
     from IPython import display as ipython_display
     matplotlib.use("Agg")
+    plt.close("all")  # figures other tests left open would be counted
     shown, drawn = [], []
     monkeypatch.setattr(ipython_display, "display", lambda bundle, raw=False: shown.append(bundle))
     monkeypatch.setattr(plt, "show", lambda: drawn.append(len(plt.get_fignums())) or plt.close("all"))
