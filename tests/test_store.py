@@ -17,19 +17,10 @@ from PIL import Image
 from lib import experiments, models, notebooks, runner
 from lib.data import folders, load_benchmark
 from lib.data.imageset import ImageSet
+from test_runner import count_trainings  # the tests folder is not a package
 
 GRID = {"methods": ["zeroshot"], "seeds": [0], "budget": "smoke", "train_domains": ["photo"], "n_test_per_class": 1}
 ROWS = 4 * 2  # ShapeWorld's domains x the base and new groups
-
-
-def count_trainings(monkeypatch):
-    real, calls = experiments.finetune, []
-
-    def counted(model, method, *args, **kwargs):
-        calls.append((method.name, kwargs["seed"]))
-        return real(model, method, *args, **kwargs)
-    monkeypatch.setattr(experiments, "finetune", counted)
-    return calls
 
 
 def never_train(monkeypatch):
