@@ -37,7 +37,8 @@ class CocaCaptioner:
         import open_clip
         import torch
 
-        from .models import pick_device
+        from .models import pick_device, with_transformers
+        with_transformers()  # generate decodes with transformers' beam search
         if str(model_name).endswith(".json"):
             open_clip.add_model_config(Path(model_name))
             model_name = Path(model_name).stem

@@ -173,10 +173,7 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
 
     Returns a tidy table: method, fraction, seed, domain, n, accuracy (every class in one group, "all").
     """
-    from .data.folders import fraction_sample
-    from .evaluate import evaluate as _evaluate
     hparams = hparams or {}
-    classes = {"all": bench.train.ids}  # class ids of the test set (the same classes, all of them)
     resolved = {m: ALIASES.get(m, m) for m in methods}
     # Only an SWA run that keeps the base schedule (swa_lr None) has X's trajectory; the averaging phase changes it.
     keeps_schedule = [m for m in methods if resolved[m].endswith("+swa")
@@ -184,23 +181,32 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     shared = {m: next(s for s in keeps_schedule if resolved[s] == f"{resolved[m]}+swa")
               for m in methods if any(resolved[s] == f"{resolved[m]}+swa" for s in keeps_schedule)}
     runs = [(m, f, s) for f in fractions for s in seeds for m in methods if m not in shared]
-    tables = []
-    for name, fraction, seed in tqdm(runs, desc="runs", disable=not progress):
-        train = fraction_sample(bench.train, fraction, seed)
-        steps = num_steps if len(train) else 0
-        method = get_method(name, batch_size=batch_size, **hparams.get(name, {}))
-        run = finetune(model, method, train, tokenizer, num_steps=steps, seed=seed, device=device,
-                       progress=progress)
-        outputs = [(name, run.model, run.head)]
-        live = [m for m, swa in shared.items() if swa == name]
-        if live:
-            final = getattr(method, "live", None) or run
-            outputs.append((live[0], final.model, final.head))
-        for label, trained_model, head in outputs:
-            tables.append(_evaluate(trained_model, tokenizer, bench.test, groups=classes, head=head,
-                                    templates=method.hparams["templates"], method=label,
-                                    fraction=fraction, seed=seed).drop(columns="group"))
-    return pd.concat(tables, ignore_index=True)
+    from . import parallel
+    workers = parallel.default_workers(len(runs), num_steps, device)
+    tables = parallel.map_runs(_fraction_run, runs, (model, tokenizer, bench, num_steps, batch_size, device, hparams,
+                                                     shared), workers, desc="runs", progress=progress)
+    return pd.concat([table for pair in tables for table in pair], ignore_index=True)
+
+
+def _fraction_run(model, tokenizer, bench, num_steps, batch_size, device, hparams, shared, run):
+    """One run of fraction_sweep: the tables of `name` (and of the method that shares its trajectory)."""
+    from .data.folders import fraction_sample
+    from .evaluate import evaluate as _evaluate
+    name, fraction, seed = run
+    train = fraction_sample(bench.train, fraction, seed)
+    steps = num_steps if len(train) else 0
+    method = get_method(name, batch_size=batch_size, **hparams.get(name, {}))
+    trained = finetune(model, method, train, tokenizer, num_steps=steps, seed=seed, device=device, progress=False)
+    outputs = [(name, trained.model, trained.head)]
+    live = [m for m, swa in shared.items() if swa == name]
+    if live:
+        final = getattr(method, "live", None) or trained
+        outputs.append((live[0], final.model, final.head))
+    every_class = {"all": bench.train.ids}  # the test set has the same classes
+    return [_evaluate(trained_model, tokenizer, bench.test, groups=every_class, head=head,
+                      templates=method.hparams["templates"], method=label, fraction=fraction,
+                      seed=seed).drop(columns="group")
+            for label, trained_model, head in outputs]
 
 
 def dg_summary(results, train_domains):

@@ -1,16 +1,45 @@
 """Loading CLIP models (open_clip by name, or the project's own mini-CLIP), zero-shot heads, and the data loader
 every loop of the lab uses (workers, pinned memory, evaluation sharded over ranks)."""
 import contextlib
+import importlib
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
+
+
+
+def _import_open_clip():
+    """open_clip, imported without transformers unless that is imported already. open_clip imports transformers
+    (about 10 s on a 2-core machine, more than torch itself) only for Hugging Face text towers and CoCa's generate:
+    the models here use neither, and with_transformers() gives it back to those that do."""
+    if "open_clip" in sys.modules or "transformers" in sys.modules:
+        return importlib.import_module("open_clip")
+    sys.modules["transformers"] = None  # `import transformers` raises ImportError, which open_clip expects
+    try:
+        return importlib.import_module("open_clip")
+    finally:
+        del sys.modules["transformers"]
+
+
+open_clip = _import_open_clip()
+
+
+def with_transformers():
+    """Give open_clip the transformers it was imported without (CoCa's generate, Hugging Face text towers need it):
+    its two modules that import it are imported again. Nothing happens when transformers is not installed or open_clip
+    has it already."""
+    from open_clip import coca_model, hf_model
+    if hf_model.transformers is None and importlib.util.find_spec("transformers") is not None:
+        importlib.reload(hf_model)
+        importlib.reload(coca_model)  # the CoCa class's methods read the reloaded module's names
+
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MINI_CHECKPOINT = DATA_DIR / "mini_clip.pt"
@@ -270,6 +299,8 @@ def _read_checkpoint(path, name=None):
 
 def _load_open_clip(name, pretrained, quick_gelu=None):
     check_model(name, pretrained)
+    if "hf_model_name" in (open_clip.get_model_config(name) or {}).get("text_cfg", {}):
+        with_transformers()  # a Hugging Face text tower
     quick_gelu = quick_gelu_for(name, pretrained) if quick_gelu is None else bool(quick_gelu)
     try:
         # A seeded initialization, so that random weights are the same on every call and machine, in a forked

@@ -89,15 +89,17 @@ def stored_compare(grid, hparams=None, results_dir="results", device="auto", pro
     the same run is stored already (by another notebook or the command line) and trained and stored otherwise.
     hparams: {method: {name: value}}, as compare takes them; a value equal to the registry's default is left out
     of the run, so that a method as shipped is one stored run whichever notebook asks for it."""
-    import pandas as pd
     from .methods import get_method
-    tables = []
+    runs, todo, benchmarks = [], [], {}
     for method in grid["methods"]:
         defaults = get_method(method).hparams
         changed = {name: value for name, value in (hparams or {}).get(method, {}).items()
                    if name not in defaults or defaults[name] != value}
-        tables.append(run_grid({**grid, "methods": [method], "hparams": changed}, results_dir, device, progress))
-    return pd.concat(tables, ignore_index=True)
+        planned = prepare({**grid, "methods": [method], "hparams": changed}, results_dir, progress, device)
+        runs += planned[0]
+        todo += planned[1]
+        benchmarks.update(planned[2])
+    return execute(runs, todo, benchmarks, results_dir, device, progress)  # one call: its workers share all runs
 
 
 def _combinations(values):
@@ -346,46 +348,58 @@ def run_grid(grid, results_dir="results", device="auto", progress=True):
     return execute(*prepare(grid, results_dir, progress, device), results_dir, device, progress)
 
 
-def execute(runs, todo, benchmarks, results_dir="results", device="auto", progress=True):
+def execute(runs, todo, benchmarks, results_dir="results", device="auto", progress=True, workers=None):
     """Train and store the runs of `todo` (prepare's output), each under its lock; a run another runner holds is
-    left for the end, then waited for. Returns the results of all `runs`."""
-    from tqdm.auto import tqdm
+    left for the end, then waited for. workers: processes that train side by side on the CPU (lib.parallel;
+    None: lib.parallel.default_workers). Returns the results of all `runs`."""
+    from . import parallel
     results_dir = Path(results_dir)
     writer = _rank() == 0
-    loaded, deferred = {}, []
+    if workers is None:
+        workers = parallel.default_workers(len(todo), max((run_size(run)["num_steps"] for run in todo), default=0),
+                                           device)
     names = ", ".join(dict.fromkeys(str(run.get("method")) for run in runs))
-    for run in tqdm(todo, desc=f"{names}: runs ({len(runs) - len(todo)} of {len(runs)} done before)",
-                    disable=not (progress and writer)):
-        with _claim(results_dir, run_key(run), blocking=False) as claimed:
-            if claimed is None:
-                deferred.append(run)
-            elif claimed:
-                _train_and_store(run, loaded, benchmarks, results_dir, device, writer)
-    for run in deferred:  # held by another runner: wait for it; train it only if that runner died without it
+    claimed = parallel.map_runs(_train_if_free, todo, (results_dir, device, benchmarks, False, writer), workers,
+                                desc=f"{names}: runs ({len(runs) - len(todo)} of {len(runs)} done before)",
+                                progress=progress and writer)
+    for run in [run for run, claim in zip(todo, claimed) if claim is None]:
+        # held by another runner: wait for it; train it only if that runner died without it
         if progress and writer:
             print(f"waiting for another runner training {run['method']} seed {run['seed']} (it holds "
                   f"{results_dir / run_key(run)}.lock)", file=sys.stderr)
-        with _claim(results_dir, run_key(run), blocking=True) as claimed:
-            if claimed:
-                _train_and_store(run, loaded, benchmarks, results_dir, device, writer)
+        _train_if_free(results_dir, device, benchmarks, True, writer, run)
     _barrier()  # every rank reads rank 0's files
     return load_results(runs, results_dir)
 
 
-def _train_and_store(run, loaded, benchmarks, results_dir, device, writer):
+def _train_if_free(results_dir, device, benchmarks, blocking, writer, run):
+    """Train and store `run` unless another runner holds or has stored it: _claim's decision (None: held)."""
+    with _claim(results_dir, run_key(run), blocking) as claimed:
+        if claimed:
+            _train_and_store(run, benchmarks, results_dir, device, writer)
+    return claimed
+
+
+# What the last run loaded (model, tokenizer, benchmark, change probe), kept for the next run of the same setting:
+# one model and benchmark in memory at a time, in each process.
+_loaded = {}
+
+
+def _train_and_store(run, benchmarks, results_dir, device, writer):
     from . import experiments
     from .change import change_table
     from .models import pick_device
-    size, setting = run_size(run), _setting(run)
-    if setting not in loaded:
-        loaded.clear()  # one model and benchmark in memory at a time
+    size = run_size(run)
+    setting = (_setting(run), json.dumps(provenance(run), sort_keys=True, default=str), str(device))
+    if setting not in _loaded:
+        _loaded.clear()
         model, tokenizer, bench, _ = experiments.setup(
             run["model_name"], run["pretrained"], run["dataset"], run["data_root"], run["train_domains"],
             run["budget"], device, sizes={name: run[name] for name in SIZES if name in run},
             quick_gelu=run.get("quick_gelu"), dataset_options=run.get("dataset_options"),
-            bench=benchmarks.get(setting))
-        loaded[setting] = model, tokenizer, bench, experiments.change_probe(model, tokenizer, bench)
-    model, tokenizer, bench, probe = loaded[setting]
+            bench=benchmarks.get(_setting(run)))
+        _loaded[setting] = model, tokenizer, bench, experiments.change_probe(model, tokenizer, bench)
+    model, tokenizer, bench, probe = _loaded[setting]
     table, trained = experiments.run_one(model, tokenizer, bench, run["method"], run["seed"], size["num_steps"],
                                          size["batch_size"], device, progress=False, **run["hparams"])
     change = change_table(model, {run["method"]: trained.model}, **probe).drop(columns="method")

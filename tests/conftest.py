@@ -9,6 +9,7 @@ import torch
 os.environ.setdefault("LAB_BUDGET", "smoke")
 os.environ.setdefault("LAB_FIGURES", tempfile.mkdtemp(prefix="lab-figures-"))
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("LAB_WORKERS", "1")  # one process: tests count calls in it (test_parallel asks for workers)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,15 @@ def test_a_corrupt_checkpoint_gives_one_clear_error(tmp_path, content):
     with pytest.raises(ValueError, match=r"Checkpoint .*ViT-B-16.pt cannot be read .*empty, truncated or not a "
                                          r"torch checkpoint"):
         models.load_clip("ViT-B-16", pretrained=str(path))
+
+
+def test_importing_the_lab_leaves_transformers_out_until_a_model_needs_it():
+    """open_clip would import transformers (seconds per process); lib.models keeps it out, and with_transformers()
+    gives open_clip what CoCa's generate needs."""
+    pytest.importorskip("transformers")
+    script = ("import sys, lib.models as m; from open_clip import coca_model; "
+              "print('transformers' in sys.modules, coca_model._has_transformers); "
+              "m.with_transformers(); print('transformers' in sys.modules, coca_model._has_transformers)")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert shown == ["False", "False", "True", "True"]
