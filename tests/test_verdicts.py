@@ -94,10 +94,8 @@ def _verdict_cells(name):
     return [c for c in cells if c["cell_type"] == "code" and "verdicts.report(" in "".join(c["source"])]
 
 
-# The notebooks whose committed sources carry their verdict table. 01, 03, 04 and 05 get theirs back with the next
-# `make walkthrough`: their sources with verdict cells are in commit c2bb359, and were not committed without the
-# default run's outputs (tests/test_notebooks.py requires them).
-VERDICT_NOTEBOOKS = ["02_robust_ft_swa"]
+# Every paper notebook ends with its verdict table, and 05 with the scoreboard of them all.
+VERDICT_NOTEBOOKS = ["01_clipood", "02_robust_ft_swa", "03_arf_anchors", "04_saft", "05_comparison"]
 
 
 @pytest.mark.parametrize("name", VERDICT_NOTEBOOKS)
@@ -106,8 +104,7 @@ def test_committed_verdicts_agree_with_their_numbers(name):
     the numbers it shows."""
     assert _verdict_cells(name), f"{name} has no verdict table (a cell calling verdicts.report)"
     reports = verdicts.notebook_reports(ROOT / "notebooks" / f"{name}.ipynb")
-    if not reports:
-        pytest.skip(f"{name} has not been run since its verdict cell was added (make walkthrough)")
+    assert reports, f"{name} has not been run since its verdict cell was added (make walkthrough)"
     for text in reports:
         assert verdicts.check_markdown(text) == []
 
@@ -116,8 +113,7 @@ def test_readme_shows_notebook_05s_scoreboard():
     readme = verdicts.readme_scoreboard((ROOT / "README.md").read_text())
     assert readme is not None, "README.md has no scoreboard markers"
     reports = verdicts.notebook_reports(ROOT / "notebooks" / "05_comparison.ipynb")
-    if not reports:
-        pytest.skip("notebook 05 has not been run since its scoreboard was added (make walkthrough)")
+    assert reports, "notebook 05 has not been run since its scoreboard was added (make walkthrough)"
     board = "\n".join(line for line in reports[-1].splitlines() if line.startswith("|"))
     assert readme == board, "README's scoreboard differs from notebook 05's: python -m lib.verdicts " \
                             "notebooks/05_comparison.ipynb README.md"
