@@ -12,7 +12,9 @@ import atexit
 import concurrent.futures
 import multiprocessing
 import os
+import tempfile
 
+import torch
 from tqdm.auto import tqdm
 
 MAX_WORKERS = 4
@@ -33,7 +35,6 @@ def default_workers(num_runs, num_steps, device="auto"):
     MIN_RUNS_PER_WORKER)."""
     if os.environ.get("LAB_WORKERS"):
         return max(1, int(os.environ["LAB_WORKERS"]))
-    import torch
     import torch.distributed as dist
     from .models import pick_device
     if pick_device(device).type != "cpu" or dist.is_initialized() or (num_steps or 0) < MIN_STEPS:
@@ -46,6 +47,7 @@ def map_runs(function, items, shared=(), workers=1, desc=None, progress=True):
     processes (started with "spawn", each with cpus() // workers torch threads); `function` must be a module-level
     function and `shared` and the items picklable. An error in a call is raised here, after the running calls end."""
     bar = tqdm(total=len(items), desc=desc, disable=not progress)
+    shared_file = None
     try:
         if workers <= 1 or len(items) <= 1:
             results = []
@@ -54,7 +56,12 @@ def map_runs(function, items, shared=(), workers=1, desc=None, progress=True):
                 bar.update()
             return results
         pool = _pool(workers)
-        futures = [pool.submit(_call, function, shared, item) for item in items]
+        # `shared` (a model, a benchmark: tens of MB) goes to a file once, and each worker reads it once per call,
+        # instead of being pickled with every item.
+        shared_file = tempfile.NamedTemporaryFile(prefix="lab-shared-", suffix=".pt", delete=False)
+        with shared_file:
+            torch.save(shared, shared_file)
+        futures = [pool.submit(_call, function, shared_file.name, item) for item in items]
         try:
             for future in concurrent.futures.as_completed(futures):
                 future.result()  # the first error, at once
@@ -67,6 +74,8 @@ def map_runs(function, items, shared=(), workers=1, desc=None, progress=True):
         return [future.result() for future in futures]
     finally:
         bar.close()
+        if shared_file is not None:
+            os.unlink(shared_file.name)
 
 
 def _pool(workers):
@@ -90,10 +99,15 @@ def _close_all():
 
 
 def _start_worker(threads):
-    import torch
     torch.set_num_threads(threads)
     os.environ["TQDM_DISABLE"] = "1"  # the parent's bar counts the runs
 
 
-def _call(function, shared, item):
-    return function(*shared, item)
+_shared = {}  # in a worker: the file of the current call -> its shared arguments
+
+
+def _call(function, shared_file, item):
+    if shared_file not in _shared:
+        _shared.clear()
+        _shared[shared_file] = torch.load(shared_file, weights_only=False)
+    return function(*_shared[shared_file], item)

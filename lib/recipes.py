@@ -280,39 +280,36 @@ ARF_NOTES = ("ARF's k, loss weights and batch composition are not published: the
              "weights 1, anchor_fraction 0.5).",)
 
 
-def _arf_imagenet():
-    rows = {"CLIP": (68.3, 61.9, 77.7, 50.0, 48.3, 54.2, 58.4), "LP": (79.9, 69.8, 70.8, 46.4, 46.9, 50.4, 56.9),
-            "FT": (81.3, 71.2, 66.1, 37.8, 46.1, 51.6, 54.6), "LP-FT": (81.7, 72.1, 73.5, 47.6, 50.3, 54.4, 59.6),
-            "FLYP": (82.6, 73.0, 71.4, 48.1, 49.6, 54.7, 59.4), "ARF": (82.7, 72.8, 75.6, 50.3, 51.8, 55.8, 61.3)}
-    names = ["ID", *IMAGENET_SHIFTS, "avg OOD"]
+def _arf_table1(dataset, id_domain, shifts, rows, notes=()):
+    """ARF Table 1 on one dataset: fine-tuned on `id_domain`, tested on it (ID) and on each shift {column: domain}."""
+    names = ["ID", *shifts, "avg OOD"]
     return Recipe(
-        name="arf-table1-imagenet", paper="ARF (Han et al., CVPR 2024)",
-        table="Table 1: ImageNet -> ID, V2, R, A, Sketch, ObjectNet, avg OOD; accuracy %",
+        name=f"arf-table1-{dataset.lower()}", paper="ARF (Han et al., CVPR 2024)",
+        table=f"Table 1: {dataset}{'-Real' if dataset == 'DomainNet' else ''} -> {', '.join(names)}; accuracy %",
         model=VIT_B_16_ARF, settings=ARF_SETTINGS, methods=_arf_methods(),
-        runs=[dict(dataset="ImageNet", train_domains=["imagenet"], dataset_options=dict(protocol="domain-shift"))],
-        columns=[Column("ID", domains=("imagenet",)), *[Column(n, domains=(d,)) for n, d in IMAGENET_SHIFTS.items()],
-                 Column("avg OOD", mean_of=tuple(IMAGENET_SHIFTS))],
+        runs=[dict(dataset=dataset, train_domains=[id_domain], dataset_options=dict(protocol="domain-shift"))],
+        columns=[Column("ID", domains=(id_domain,)), *[Column(n, domains=(d,)) for n, d in shifts.items()],
+                 Column("avg OOD", mean_of=tuple(shifts))],
         published={m: dict(zip(names, v)) for m, v in rows.items()}, published_source="ARF Table 1",
-        notes=ARF_NOTES)
+        notes=(*ARF_NOTES, *notes))
+
+
+def _arf_imagenet():
+    return _arf_table1("ImageNet", "imagenet", IMAGENET_SHIFTS, {
+        "CLIP": (68.3, 61.9, 77.7, 50.0, 48.3, 54.2, 58.4), "LP": (79.9, 69.8, 70.8, 46.4, 46.9, 50.4, 56.9),
+        "FT": (81.3, 71.2, 66.1, 37.8, 46.1, 51.6, 54.6), "LP-FT": (81.7, 72.1, 73.5, 47.6, 50.3, 54.4, 59.6),
+        "FLYP": (82.6, 73.0, 71.4, 48.1, 49.6, 54.7, 59.4), "ARF": (82.7, 72.8, 75.6, 50.3, 51.8, 55.8, 61.3)})
 
 
 def _arf_domainnet():
-    rows = {"CLIP": (84.8, 65.7, 68.5, 50.2, 72.1, 64.1), "LP": (86.3, 57.4, 61.5, 45.6, 64.1, 57.2),
-            "FT": (89.5, 61.8, 65.6, 49.0, 71.7, 62.1), "LP-FT": (89.5, 63.6, 67.4, 50.7, 73.4, 63.8),
-            "FLYP": (89.8, 64.1, 68.5, 50.8, 74.0, 64.3), "ARF": (89.8, 65.3, 69.5, 51.1, 74.9, 65.2)}
     shifts = {"Sketch": "sketch", "Painting": "painting", "Infograph": "infograph", "Clipart": "clipart"}
-    names = ["ID", *shifts, "avg OOD"]
-    return Recipe(
-        name="arf-table1-domainnet", paper="ARF (Han et al., CVPR 2024)",
-        table="Table 1: DomainNet-Real -> ID, Sketch, Painting, Infograph, Clipart, avg OOD; accuracy %",
-        model=VIT_B_16_ARF, settings=ARF_SETTINGS, methods=_arf_methods(),
-        runs=[dict(dataset="DomainNet", train_domains=["real"], dataset_options=dict(protocol="domain-shift"))],
-        columns=[Column("ID", domains=("real",)), *[Column(n, domains=(d,)) for n, d in shifts.items()],
-                 Column("avg OOD", mean_of=tuple(shifts))],
-        published={m: dict(zip(names, v)) for m, v in rows.items()}, published_source="ARF Table 1",
-        notes=(*ARF_NOTES, "ID is real's 20 % hold-out (lib.data.folders' per-domain split; ARF's split is not in "
-                           "the project's papers notes).",
-               "The prompts are CLIP's ImageNet templates, as for ImageNet (no others are transcribed)."))
+    return _arf_table1("DomainNet", "real", shifts, {
+        "CLIP": (84.8, 65.7, 68.5, 50.2, 72.1, 64.1), "LP": (86.3, 57.4, 61.5, 45.6, 64.1, 57.2),
+        "FT": (89.5, 61.8, 65.6, 49.0, 71.7, 62.1), "LP-FT": (89.5, 63.6, 67.4, 50.7, 73.4, 63.8),
+        "FLYP": (89.8, 64.1, 68.5, 50.8, 74.0, 64.3), "ARF": (89.8, 65.3, 69.5, 51.1, 74.9, 65.2)},
+        notes=("ID is real's 20 % hold-out (lib.data.folders' per-domain split; ARF's split is not in the project's "
+               "papers notes).", "The prompts are CLIP's ImageNet templates, as for ImageNet (no others are "
+                                 "transcribed)."))
 
 
 def _arf_table_2():

@@ -561,6 +561,8 @@ def main(argv=None):
                         help="a hyperparameter (a JSON or Python value; a list is a sweep), repeatable")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, help="processes that train runs side by side on the CPU (default: "
+                                                     "lib.parallel.default_workers; LAB_WORKERS sets it too)")
     parser.add_argument("--dataset-option", action="append", default=[], metavar="NAME=VALUE",
                         help="an option of lib.data.load_benchmark for datasets on disk, e.g. protocol=base-to-new|"
                              "in-the-wild|leave-one-domain-out (DomainBed), protocol=domain-shift|base-to-new "
@@ -602,7 +604,7 @@ def main(argv=None):
         return
     try:
         with distributed(args.device):
-            results = execute(*planned, args.results_dir, args.device)
+            results = execute(*planned, args.results_dir, args.device, workers=args.workers)
             if _rank() == 0:
                 print(summary_table(results, grid.get("train_domains", GRID_DEFAULTS["train_domains"])))
     except KeyboardInterrupt:  # one line, not a traceback: every finished run is stored, and is kept
