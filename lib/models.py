@@ -14,10 +14,9 @@ import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
 
-
 def _import_open_clip():
     """open_clip, imported without transformers unless that is imported already. open_clip imports transformers
-    (about 10 s on a 2-core machine, more than torch itself) only for Hugging Face text towers and CoCa's generate:
+    (4.5 s a process on a 2-core machine: 13.5 s instead of 9) only for Hugging Face text towers and CoCa's generate:
     the models here use neither, and with_transformers() gives it back to those that do."""
     if "open_clip" in sys.modules or "transformers" in sys.modules:
         return importlib.import_module("open_clip")
