@@ -354,8 +354,9 @@ def default_num_workers(dataset):
     one for the training loop, at most 8 (decoding JPEGs at 224 px for one GPU needs about that many)."""
     if isinstance(getattr(dataset, "images", None), torch.Tensor):
         return 0
-    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(8, cpus - 1))
+    from .parallel import cpus
+    per_rank = cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, per_rank - 1))
 
 
 def data_loader(dataset, device, num_workers, num_batches, **options):
