@@ -34,10 +34,14 @@ def default_workers(num_runs, num_steps, device="auto"):
     under torch.distributed, for short runs or few of them; else min(cpus, MAX_WORKERS, num_runs //
     MIN_RUNS_PER_WORKER)."""
     if os.environ.get("LAB_WORKERS"):
-        return max(1, int(os.environ["LAB_WORKERS"]))
+        value = os.environ["LAB_WORKERS"]
+        if not value.isdigit():
+            raise ValueError(f"LAB_WORKERS={value!r}: set it to a whole number of processes (1: train in this one).")
+        return max(1, int(value))
     import torch.distributed as dist
-    from .models import pick_device
-    if pick_device(device).type != "cpu" or dist.is_initialized() or (num_steps or 0) < MIN_STEPS:
+    # lib.models.pick_device's rule for "auto", without importing lib.models (which imports this module)
+    on_cpu = not torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cpu"
+    if not on_cpu or dist.is_initialized() or (num_steps or 0) < MIN_STEPS:
         return 1
     return max(1, min(cpus(), MAX_WORKERS, num_runs // MIN_RUNS_PER_WORKER))
 

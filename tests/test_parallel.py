@@ -37,6 +37,9 @@ def test_workers_only_for_enough_runs_of_enough_steps_on_a_cpu(monkeypatch):
     assert parallel.default_workers(1000, 150, "cpu") == parallel.MAX_WORKERS
     monkeypatch.setenv("LAB_WORKERS", "3")
     assert parallel.default_workers(1, 1, "cpu") == 3
+    monkeypatch.setenv("LAB_WORKERS", "two")
+    with pytest.raises(ValueError, match="whole number"):
+        parallel.default_workers(30, 150, "cpu")
 
 
 def test_a_grid_trained_by_two_workers_stores_every_run_once_with_the_results_of_one_process(tmp_path):
