@@ -23,6 +23,8 @@ walkthrough: install
 		echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 
+# pytest-xdist: one process per CPU, each on one torch thread (the tests' models are tiny, and a notebook kernel's
+# start is mostly single-threaded imports); --dist loadfile keeps a file's (a notebook's) tests in one process.
 test: install
-	TQDM_DISABLE=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
-		--nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider
+	OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider -n auto --dist loadfile
