@@ -123,12 +123,17 @@ class LinearHeadTuning(Method):
         return Trained(model, LinearHead(weight, head.bias.detach().cpu(), self.class_ids), history, self)
 
 
-def linear_probe(features, labels, weight, bias, iterations=100, l2=0.0):
-    """A multinomial logistic regression on fixed features, fitted from the given start (weight [C, D], bias
-    [C]) by full-batch L-BFGS: LP-FT's first phase. l2 penalizes sum(weight ** 2). Returns (weight, bias)."""
+def linear_probe(features, labels, weight, bias, C=1.0, iterations=500):
+    """A multinomial logistic regression on fixed features, fitted from the given start (weight [C, D], bias [C])
+    by full-batch L-BFGS: LP-FT's first phase. C is scikit-learn's inverse regularization strength, which `lp`
+    uses: the objective is scikit-learn's, C * summed cross-entropy + sum(weight ** 2) / 2, divided by C * N so that
+    L-BFGS sees a mean. It has one minimum, so this probe is `lp`'s head, reached from the zero-shot start (the
+    start only saves iterations). Returns (weight, bias)."""
     weight, bias = weight.clone().float().requires_grad_(), bias.clone().float().requires_grad_()
     features, labels = features.float(), labels.long()
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+    l2 = 1.0 / (2.0 * C * len(labels))
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
@@ -142,20 +147,23 @@ def linear_probe(features, labels, weight, bias, iterations=100, l2=0.0):
 
 @register
 class LinearProbeThenFineTune(LinearHeadTuning):
-    """LP-FT (Kumar et al., ICLR 2022): first a linear probe on the frozen features, started from the zero-shot
-    head (the class-prompt embeddings times the model's logit scale, bias 0; as FLYP and wise-ft start it) and
-    fitted by `linear_probe` (probe_iterations L-BFGS iterations, probe_l2); then the image encoder and the probed
-    head fine-tune together with cross-entropy at a smaller learning rate than ft's (our default lr: ft's / 10;
-    the paper leaves the values to each dataset). `probe` holds the first phase's (weight, bias)."""
+    """LP-FT (Kumar et al., ICLR 2022): first a linear probe on the frozen features, `lp`'s own (scikit-learn's
+    regularized objective with the same C), fitted by `linear_probe` from the zero-shot head (the class-prompt
+    embeddings times the model's logit scale, bias 0; as FLYP and wise-ft start it); then the image encoder and the
+    probed head fine-tune together with cross-entropy at a smaller learning rate than ft's (our default lr: ft's /
+    10; the paper leaves the values to each dataset). `probe` holds the first phase's (weight, bias).
+    An unregularized probe (C very large) fits the training images' features exactly: its weights grow until the
+    training logits are huge, so the second phase starts from a head that is overconfident everywhere."""
     name = "lp-ft"
     head_name = "lpft_head"
-    HPARAMS = dict(lr=3e-5, head_lr=3e-5, feature_scale=1.0, probe_iterations=100, probe_l2=0.0)
-    RANGES = dict(probe_iterations=Number(1, integer=True), probe_l2=Number(0))
+    HPARAMS = dict(lr=3e-5, head_lr=3e-5, feature_scale=1.0, C=1.0, probe_iterations=500)
+    RANGES = dict(C=Number(0, low_open=True, why="the inverse regularization strength, as lp's"),
+                  probe_iterations=Number(1, integer=True))
 
     def initial_head(self, model, tokenizer, train_set, seed):
         start = model.logit_scale.exp().item() * zeroshot_head(model, tokenizer, train_set.classnames,
                                                                 self.prompt_templates(train_set)).cpu()
         features = self.hparams["feature_scale"] * encode_images(model, train_set).cpu()
-        self.probe = linear_probe(features, train_set.labels, start, torch.zeros(len(start)),
-                                  self.hparams["probe_iterations"], self.hparams["probe_l2"])
+        self.probe = linear_probe(features, train_set.labels, start, torch.zeros(len(start)), self.hparams["C"],
+                                  self.hparams["probe_iterations"])
         return self.probe
