@@ -12,7 +12,9 @@ the loop and not the decoding, which the loader figures measure apart. The two l
 so that load changes on a shared machine hit them alike; a step is the time between two consecutive optimizer
 steps (the first step of each run is dropped) and the figure is the median over all steps of all repeats. The
 loader's figure is that of the second half of its batches (the workers' start-up and their first prefetched
-batches left out): a stream, as in training.
+batches left out): a stream, as in training. Loader runs with each worker count alternate too, `--repeats` times,
+and each figure is their median. The loader sends open_clip's images as 8-bit tensors and makes them float after
+the batch (lib.models.data_loader), so its figures include that step.
 On a GPU both loops run in bf16 autocast (lib.models.autocast) and the peak GPU memory of each is printed.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/bench_throughput.py                 # CPU, ft, 0 and 2 workers
@@ -149,9 +151,11 @@ def main(argv=None):
         print(f"{len(paths)} JPEGs of 500x375, {np.mean(sizes) / 1e3:.0f} KB on average; {args.model} ({weights}) "
               f"at {model.visual.image_size[0]} px on {device}, batch {args.batch_size}")
         files = image_set([paths[i % len(paths)] for i in range(args.batch_size * args.loader_batches)], preprocess)
-        rates = {0: loader_rate(files, args.batch_size, args.loader_batches, 0, device)}
-        for workers in args.workers:
-            rates[workers] = loader_rate(files, args.batch_size, args.loader_batches, workers, device)
+        samples = {workers: [] for workers in [0, *args.workers]}
+        for _ in range(args.repeats):
+            for workers, rates in samples.items():
+                rates.append(loader_rate(files, args.batch_size, args.loader_batches, workers, device))
+        rates = {workers: statistics.median(rates) for workers, rates in samples.items()}
         for workers, rate in rates.items():
             print(f"loader, {workers} workers: {rate:.1f} images/s")
         # Decoded once, two batches' worth: the steps cycle over them, reading memory.

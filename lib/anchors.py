@@ -120,6 +120,12 @@ def _retrieve_faiss(queries, candidates, k):
 
 
 # ----------------------------------------------------------------------------------------------- embeddings
+def cache_folder():
+    """Where the lab caches what it computes once (ShapeWorld's candidate embeddings): $LAB_CACHE, else
+    ~/.cache/robust-clip-lab. Every file there is keyed by what made it, so a stale one is computed again."""
+    return os.environ.get("LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "robust-clip-lab")
+
+
 def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=256, device=None):
     """L2-normalized text embeddings [len(texts), D] (float32, CPU) of `texts`, optionally cached on disk.
 
@@ -155,7 +161,10 @@ def cached_text_embeddings(model, tokenizer, texts, cache_path=None, batch_size=
 
     if cache_path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        torch.save({"key": key, "embeddings": embeddings}, cache_path)
+        # Written aside, then renamed: runs side by side may read the file while another process writes it.
+        partial = f"{cache_path}.{os.getpid()}.partial"
+        torch.save({"key": key, "embeddings": embeddings}, partial)
+        os.replace(partial, cache_path)
     _remember(key, embeddings)
     return embeddings
 
@@ -267,10 +276,10 @@ class CandidateCorpus:
     there once (cache_path, cached_text_embeddings) and reused by the next run with the same text tower.
     """
 
-    def __init__(self, captions, make_pairs, cache_dir=None):
+    def __init__(self, captions, make_pairs, cache_dir=None, cache_name="text_embeddings.pt"):
         self.captions = list(captions)
         self._make_pairs = make_pairs
-        self.cache_path = None if cache_dir is None else os.path.join(cache_dir, "text_embeddings.pt")
+        self.cache_path = None if cache_dir is None else os.path.join(cache_dir, cache_name)
 
     def __len__(self):
         return len(self.captions)
@@ -288,8 +297,11 @@ class CandidateCorpus:
             allowed = np.append(np.isin(shapeworld.CLASSES, list(classes)), True)  # index -1: no distractor
             keep = np.flatnonzero(allowed[scenes["shape"]] & allowed[scenes["distractor_shape"]].all(axis=1))
             scenes, captions = shapeworld.subset_scenes(scenes, keep), [captions[i] for i in keep]
+        # Embedding 20,000 captions takes 10-15 s on a CPU, in every process that retrieves: they are cached in
+        # the lab's cache folder, one file per corpus (the control's differs), keyed by the texts and the weights.
+        name = f"shapeworld-candidates-{n}-{seed}-{noise}-{'all' if classes is None else '-'.join(classes)}.pt"
         return cls(captions, lambda idx: shapeworld.render_corpus(shapeworld.subset_scenes(scenes, idx),
-                                                                  [captions[i] for i in idx]))
+                                                                  [captions[i] for i in idx]), cache_folder(), name)
 
     @classmethod
     def from_path(cls, path, cache_dir=None):

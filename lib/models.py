@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
@@ -130,15 +131,34 @@ def mini_preprocess(image):
 
 class _TensorFriendly:
     """open_clip's transforms expect PIL images; ShapeWorld gives tensors. A class, not a closure, so that loader
-    workers started by spawn (macOS, Windows) can unpickle it."""
+    workers started by spawn (macOS, Windows) can unpickle it.
+
+    open_clip's transform ends with ToTensor and Normalize (`splits`): the lab's loaders then run it in two halves,
+    `decoded` in the workers (an 8-bit tensor: a quarter of the bytes to collate, pin and copy) and `finish` on the
+    batch once it is on the device (ToTensor's scaling and Normalize: the same arithmetic, on the GPU)."""
 
     def __init__(self, preprocess):
         self.preprocess = preprocess
+        steps = getattr(preprocess, "transforms", [])
+        self.splits = len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize)
 
     def __call__(self, image):
         if isinstance(image, torch.Tensor):
             image = TF.to_pil_image(image)
         return self.preprocess(image)
+
+    def decoded(self, image):
+        """The transform up to ToTensor: a uint8 tensor [3, H, W]."""
+        if isinstance(image, torch.Tensor):
+            image = TF.to_pil_image(image)
+        for step in self.preprocess.transforms[:-2]:
+            image = step(image)
+        return TF.pil_to_tensor(image)
+
+    def finish(self, images):
+        """ToTensor's scaling and Normalize, on a batch of `decoded` images."""
+        normalize = self.preprocess.transforms[-1]
+        return TF.normalize(images.to(torch.get_default_dtype()).div(255), normalize.mean, normalize.std)
 
 
 def load_clip(name, pretrained=None, device="auto", quick_gelu=None):
@@ -359,17 +379,54 @@ def default_num_workers(dataset):
     return max(0, min(8, per_rank - 1))
 
 
-def data_loader(dataset, device, num_workers, num_batches, **options):
-    """torch's DataLoader as the lab's loops use it: `num_workers` processes decode (None: default_num_workers),
-    each keeping two batches prefetched (torch's default) and living as long as the loader; pinned memory on CUDA,
-    so that copies with non_blocking=True overlap the computation. Workers start only when there are at least two
-    of the `num_batches` batches to load, and never more than there are batches: one batch gains nothing from
-    a worker but its start-up."""
+class _Indexed(torch.utils.data.Dataset):
+    """Yields (image, label, index): methods such as ARF need to know which training items are in a batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+class _Finished:
+    """A DataLoader whose batches' images (their first element) are moved to `device` and finished there."""
+
+    def __init__(self, loader, finish, device):
+        self.loader, self.finish, self.device = loader, finish, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, *rest in self.loader:
+            yield [self.finish(images.to(self.device, non_blocking=self.device.type == "cuda")), *rest]
+
+
+def data_loader(dataset, device, num_workers, num_batches, indexed=False, **options):
+    """torch's DataLoader as the lab's loops use it, over `dataset` (items (image, label); with `indexed`, (image,
+    label, index)): `num_workers` processes decode (None: default_num_workers), each keeping two batches
+    prefetched (torch's default) and living as long as the loader; pinned memory on CUDA, so that copies with
+    non_blocking=True overlap the computation. Workers start only when there are at least two of the `num_batches`
+    batches to load, and never more than there are batches: one batch gains nothing from a worker but its start-up.
+    An ImageSet with open_clip's transform is loaded as 8-bit images, and each batch's images arrive on `device`,
+    made float there (_TensorFriendly.finish): the same values as the transform's own."""
     if num_workers is None:
         num_workers = default_num_workers(dataset)
     num_workers = min(num_workers, num_batches) if num_batches > 1 else 0
-    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
-                                       pin_memory=torch.device(device).type == "cuda", **options)
+    device = torch.device(device)
+    transform = getattr(dataset, "transform", None)
+    split = isinstance(transform, _TensorFriendly) and transform.splits
+    if split:
+        dataset = dataset.with_transform(transform.decoded)
+    loader = torch.utils.data.DataLoader(_Indexed(dataset) if indexed else dataset, num_workers=num_workers,
+                                         persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
+                                         **options)
+    return _Finished(loader, transform.finish, device) if split else loader
 
 
 @torch.no_grad()
@@ -385,7 +442,8 @@ def encode_images(model, dataset, batch_size=512, progress=False, num_workers=No
     shard = torch.arange(len(dataset)).tensor_split(world)[rank].tolist()
     if num_workers is None:
         num_workers = default_num_workers(dataset)
-    part = dataset if world == 1 else torch.utils.data.Subset(dataset, shard)
+    part = dataset if world == 1 else dataset.subset(shard) if hasattr(dataset, "subset") else \
+        torch.utils.data.Subset(dataset, shard)
     loader = data_loader(part, device, num_workers, -(-len(shard) // batch_size), batch_size=batch_size)
     was_training = model.training
     model.eval()

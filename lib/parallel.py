@@ -12,6 +12,7 @@ import atexit
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import tempfile
 
 import torch
@@ -105,6 +106,13 @@ def _close_all():
 def _start_worker(threads):
     torch.set_num_threads(threads)
     os.environ["TQDM_DISABLE"] = "1"  # the parent's bar counts the runs
+    # Ctrl-C (or a kernel's shutdown) reaches the whole process group: the parent reports it, a worker just ends
+    # (a run it leaves unfinished stores nothing, and its claim ends with the process).
+    signal.signal(signal.SIGINT, _end_quietly)
+
+
+def _end_quietly(signum, frame):
+    os._exit(128 + signum)
 
 
 _shared = {}  # in a worker: the file of the current call -> its shared arguments

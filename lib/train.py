@@ -59,20 +59,6 @@ def train_mode(model):
     return model
 
 
-class _Indexed(torch.utils.data.Dataset):
-    """Yields (image, label, index): methods such as ARF need to know which training items are in a batch."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, label = self.dataset[i]
-        return image, label, i
-
-
 class GlobalBatches(torch.utils.data.Sampler):
     """Rank `rank`'s part, [rank::world], of shuffled full global batches of indices into n items, epoch after
     epoch, forever: a batch sampler, so that each rank's loader reads and decodes only its own share.
@@ -111,7 +97,7 @@ def _batches(dataset, batch_size, seed, num_workers=None, device="cpu", num_batc
     if num_workers is None:
         num_workers = default_num_workers(dataset)
     # The loader's own generator only seeds its workers; giving it one keeps torch's global random state untouched.
-    yield from data_loader(_Indexed(dataset), device, num_workers, num_batches, batch_sampler=sampler,
+    yield from data_loader(dataset, device, num_workers, num_batches, indexed=True, batch_sampler=sampler,
                            generator=torch.Generator().manual_seed(seed))
 
 

@@ -9,6 +9,8 @@ import torch
 os.environ.setdefault("LAB_BUDGET", "smoke")
 os.environ.setdefault("LAB_FIGURES", tempfile.mkdtemp(prefix="lab-figures-"))
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One cache for every test process (pytest-xdist's workers, notebook kernels): a file in it is keyed by its inputs.
+os.environ.setdefault("LAB_CACHE", os.path.join(tempfile.gettempdir(), "robust-clip-lab-tests"))
 os.environ.setdefault("LAB_WORKERS", "1")  # one process: tests count calls in it (test_parallel asks for workers)
 
 

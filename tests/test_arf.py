@@ -86,6 +86,20 @@ def test_retrieved_anchors_are_the_exact_nearest_captions_of_the_frozen_model(se
     assert found == [[corpus.captions[j] for j in row] for row in expected.tolist()]
 
 
+def test_shapeworld_candidate_embeddings_are_embedded_once_for_every_process(setup, tmp_path, monkeypatch):
+    model, tokenizer, train = setup
+    monkeypatch.setenv("LAB_CACHE", str(tmp_path))
+    runs = [methods.get_method("arf-ret", num_candidates=60, k=2, candidate_classes=classes)
+            for classes in ("all", "train", "all")]
+    runs[0].setup(model, tokenizer, train, num_steps=1, seed=0)
+    runs[1].setup(model, tokenizer, train, num_steps=1, seed=0)
+    assert len(list(tmp_path.glob("shapeworld-candidates-60-*.pt"))) == 2  # the control has its own file
+    anchors._RECENT_EMBEDDINGS.clear()  # a new process: only the files are left
+    monkeypatch.setattr(anchors, "encode_text", lambda *a, **k: pytest.fail("embedded the corpus again"))
+    runs[2].setup(model, tokenizer, train, num_steps=1, seed=0)
+    assert torch.equal(runs[2].neighbours, runs[0].neighbours)
+
+
 def test_candidate_pairs_are_the_web_corpus_items():
     corpus = anchors.CandidateCorpus.shapeworld(40, seed=2)
     whole = sw.web_corpus(40, seed=2, stream="candidates")

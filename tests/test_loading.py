@@ -116,3 +116,22 @@ def test_the_throughput_benchmark_ends_with_its_ratio_line(capsys, one_intra_op_
     bench.main(["--model", "mini", "--batch-size", "2", "--steps", "2", "--repeats", "1", "--loader-batches", "2"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"ratio lab/bare \d+\.\d{3} loader 2-workers/0-workers \d+\.\d{3}", last), last
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_open_clip_images_cross_the_loader_as_bytes_and_arrive_as_the_transform_made_them(tmp_path, num_workers):
+    import numpy as np
+    from PIL import Image
+    from lib.data.imageset import ImageSet
+    paths = []
+    for i in range(6):
+        pixels = np.random.default_rng(i).integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(pixels).save(paths[-1])
+    preprocess = models._TensorFriendly(models.open_clip.image_transform(24, is_train=False))
+    files = ImageSet(paths, torch.arange(6), ["a"] * 6, ["photo"] * 6).with_transform(preprocess)
+    loader = models.data_loader(files, "cpu", num_workers, num_batches=3, batch_size=2)
+    assert loader.loader.dataset[0][0].dtype == torch.uint8  # what the workers send
+    images = torch.cat([batch for batch, _ in loader])
+    expected = torch.stack([preprocess(Image.open(path)) for path in paths])
+    assert images.dtype == expected.dtype and torch.equal(images, expected)

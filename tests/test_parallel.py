@@ -1,5 +1,7 @@
 """Runs spread over worker processes (lib.parallel): the same results in the same order, each run once."""
 import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
 
 import pandas as pd
 import pytest
@@ -12,6 +14,17 @@ def process_threads_and_product(factor, item):
     if item < 0:
         raise ValueError(f"negative item {item}")
     return os.getpid(), torch.get_num_threads(), factor * item
+
+
+def interrupted(item):
+    os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C or a notebook kernel's shutdown sends the process group
+
+
+def test_an_interrupted_worker_ends_without_a_traceback_and_the_caller_hears_of_it(capfd):
+    with pytest.raises(BrokenProcessPool):
+        parallel.map_runs(interrupted, [1, 2], workers=2, progress=False)
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+    assert parallel.map_runs(process_threads_and_product, [1, 2], (3,), workers=2, progress=False)[1][2] == 6
 
 
 def test_workers_return_every_result_in_order_with_the_cpus_split_between_them():
