@@ -13,8 +13,8 @@ so that load changes on a shared machine hit them alike; a step is the time betw
 steps (the first step of each run is dropped) and the figure is the median over all steps of all repeats. The
 loader's figure is that of the second half of its batches (the workers' start-up and their first prefetched
 batches left out): a stream, as in training. Loader runs with each worker count alternate too, `--repeats` times,
-and each figure is their median. The loader sends open_clip's images as 8-bit tensors and makes them float after
-the batch (lib.models.data_loader), so its figures include that step.
+and each figure is their median. On a GPU the loader sends open_clip's images as 8-bit tensors and makes them float
+on the device (lib.models.data_loader), so its figures there include that step.
 On a GPU both loops run in bf16 autocast (lib.models.autocast) and the peak GPU memory of each is printed.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/bench_throughput.py                 # CPU, ft, 0 and 2 workers

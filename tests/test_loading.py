@@ -118,8 +118,9 @@ def test_the_throughput_benchmark_ends_with_its_ratio_line(capsys, one_intra_op_
     assert re.fullmatch(r"ratio lab/bare \d+\.\d{3} loader 2-workers/0-workers \d+\.\d{3}", last), last
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_open_clip_images_cross_the_loader_as_bytes_and_arrive_as_the_transform_made_them(tmp_path, num_workers):
+@pytest.fixture
+def jpeg_files(tmp_path):
+    """Six small JPEGs of random pixels (odd sizes) as an ImageSet with open_clip's transform (24 px)."""
     import numpy as np
     from PIL import Image
     from lib.data.imageset import ImageSet
@@ -129,9 +130,27 @@ def test_open_clip_images_cross_the_loader_as_bytes_and_arrive_as_the_transform_
         paths.append(str(tmp_path / f"{i}.jpg"))
         Image.fromarray(pixels).save(paths[-1])
     preprocess = models._TensorFriendly(models.open_clip.image_transform(24, is_train=False))
-    files = ImageSet(paths, torch.arange(6), ["a"] * 6, ["photo"] * 6).with_transform(preprocess)
-    loader = models.data_loader(files, "cpu", num_workers, num_batches=3, batch_size=2)
-    assert loader.loader.dataset[0][0].dtype == torch.uint8  # what the workers send
+    return ImageSet(paths, torch.arange(6), ["a"] * 6, ["photo"] * 6).with_transform(preprocess)
+
+
+def test_the_transform_in_two_halves_gives_the_transforms_values(jpeg_files):
+    from PIL import Image
+    preprocess = jpeg_files.transform
+    whole = torch.stack([preprocess(Image.open(path)) for path in jpeg_files.images])
+    halves = preprocess.finish(torch.stack([preprocess.decoded(Image.open(path)) for path in jpeg_files.images]))
+    assert preprocess.splits and whole.dtype == halves.dtype and torch.equal(whole, halves)
+
+
+def test_images_cross_the_loader_as_bytes_for_an_accelerator_and_as_model_inputs_on_the_cpu(jpeg_files):
+    for_gpu = models.data_loader(jpeg_files, "cuda", 0, num_batches=3, batch_size=2)  # built, never iterated here
+    assert isinstance(for_gpu, models._Finished) and for_gpu.loader.dataset[0][0].dtype == torch.uint8
+    on_cpu = models.data_loader(jpeg_files, "cpu", 0, num_batches=3, batch_size=2)
+    assert isinstance(on_cpu, torch.utils.data.DataLoader) and on_cpu.dataset[0][0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loaded_images_are_the_transforms_with_and_without_workers(jpeg_files, num_workers):
+    from PIL import Image
+    loader = models.data_loader(jpeg_files, "cpu", num_workers, num_batches=3, batch_size=2)
     images = torch.cat([batch for batch, _ in loader])
-    expected = torch.stack([preprocess(Image.open(path)) for path in paths])
-    assert images.dtype == expected.dtype and torch.equal(images, expected)
+    assert torch.equal(images, torch.stack([jpeg_files.transform(Image.open(p)) for p in jpeg_files.images]))
