@@ -1,5 +1,6 @@
 """lib.launch: one submitit job per run of a grid, through the store and its claims (local executor here)."""
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,15 @@ def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, 
     grids = {runner.run_key(run): runner.grid_of(run) for run in todo}
     jobs = launch.submit(grids, results, "local", device="cpu", timeout_min=5)
     assert len(jobs) == 2
-    jobs[1].cancel()  # at once: long before its runner has imported torch, let alone stored its run
+    # submitit's local cancel interrupts the job's controller, which then kills the runner it started; an interrupt
+    # while it is starting the runner would leave the runner alive. So: once the controller has opened the job's log
+    # (just before it starts the runner), one more second, and the runner is still importing torch (about 10 s),
+    # far from storing its run.
+    deadline = time.monotonic() + 120
+    while not jobs[1].paths.stdout.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    jobs[1].cancel()
     launch.wait(jobs, poll_s=0.2)
     keys = list(grids)
     assert {p.stem for p in results.glob("*.csv")} == {keys[0]}
