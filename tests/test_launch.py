@@ -1,5 +1,6 @@
 """lib.launch: one submitit job per run of a grid, through the store and its claims (local executor here)."""
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,7 +21,17 @@ def test_the_grid_of_a_run_expands_to_that_run_alone():
         assert runner.expand(runner.grid_of(run)) == [run]
 
 
-def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def interruptible():
+    """SIGINT handled in this process while the test runs: a shell starts background commands (a CI runner under
+    nohup, `make test &`) with SIGINT ignored, children inherit an ignored signal, and submitit's local cancel is a
+    SIGINT to the job's controller, which would then go on."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, monkeypatch, capsys, interruptible):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     results = tmp_path / "results"
@@ -28,14 +39,12 @@ def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, 
     grids = {runner.run_key(run): runner.grid_of(run) for run in todo}
     jobs = launch.submit(grids, results, "local", device="cpu", timeout_min=5)
     assert len(jobs) == 2
-    # submitit's local cancel interrupts the job's controller, which then kills the runner it started; an interrupt
-    # while it is starting the runner would leave the runner alive. So: once the controller has opened the job's log
-    # (just before it starts the runner), one more second, and the runner is still importing torch (about 10 s),
-    # far from storing its run.
-    deadline = time.monotonic() + 120
-    while not jobs[1].paths.stdout.exists() and time.monotonic() < deadline:
+    # submitit's local cancel interrupts the job's controller, which then stops the task it started; an interrupt
+    # while it is still starting the task would leave the task alive. So cancel once the task has written its first
+    # log line: it is then importing torch (seconds), far from storing its run.
+    log, deadline = jobs[1].paths.stdout, time.monotonic() + 120
+    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)
     jobs[1].cancel()
     launch.wait(jobs, poll_s=0.2)
     keys = list(grids)
