@@ -153,9 +153,9 @@ def main(argv=None):
         files = image_set([paths[i % len(paths)] for i in range(args.batch_size * args.loader_batches)], preprocess)
         samples = {workers: [] for workers in [0, *args.workers]}
         for _ in range(args.repeats):
-            for workers, rates in samples.items():
-                rates.append(loader_rate(files, args.batch_size, args.loader_batches, workers, device))
-        rates = {workers: statistics.median(rates) for workers, rates in samples.items()}
+            for workers, measured in samples.items():
+                measured.append(loader_rate(files, args.batch_size, args.loader_batches, workers, device))
+        rates = {workers: statistics.median(measured) for workers, measured in samples.items()}
         for workers, rate in rates.items():
             print(f"loader, {workers} workers: {rate:.1f} images/s")
         # Decoded once, two batches' worth: the steps cycle over them, reading memory.

@@ -129,6 +129,10 @@ def mini_preprocess(image):
     return TF.normalize(image, MINI_MEAN, MINI_STD)
 
 
+def _as_pil(image):
+    return TF.to_pil_image(image) if isinstance(image, torch.Tensor) else image
+
+
 class _TensorFriendly:
     """open_clip's transforms expect PIL images; ShapeWorld gives tensors. A class, not a closure, so that loader
     workers started by spawn (macOS, Windows) can unpickle it.
@@ -143,14 +147,11 @@ class _TensorFriendly:
         self.splits = len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize)
 
     def __call__(self, image):
-        if isinstance(image, torch.Tensor):
-            image = TF.to_pil_image(image)
-        return self.preprocess(image)
+        return self.preprocess(_as_pil(image))
 
     def decoded(self, image):
         """The transform up to ToTensor: a uint8 tensor [3, H, W]."""
-        if isinstance(image, torch.Tensor):
-            image = TF.to_pil_image(image)
+        image = _as_pil(image)
         for step in self.preprocess.transforms[:-2]:
             image = step(image)
         return TF.pil_to_tensor(image)
@@ -445,8 +446,9 @@ def encode_images(model, dataset, batch_size=512, progress=False, num_workers=No
     shard = torch.arange(len(dataset)).tensor_split(world)[rank].tolist()
     if num_workers is None:
         num_workers = default_num_workers(dataset)
-    part = dataset if world == 1 else dataset.subset(shard) if hasattr(dataset, "subset") else \
-        torch.utils.data.Subset(dataset, shard)
+    part = dataset
+    if world > 1:  # an ImageSet's own subset keeps its transform visible to data_loader
+        part = dataset.subset(shard) if hasattr(dataset, "subset") else torch.utils.data.Subset(dataset, shard)
     loader = data_loader(part, device, num_workers, -(-len(shard) // batch_size), batch_size=batch_size)
     was_training = model.training
     model.eval()
