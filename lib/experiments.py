@@ -14,7 +14,7 @@ from .train import finetune
 # them is a paper's setting: those are the recipes of lib.recipes (python -m lib.reproduce --list).
 BUDGETS = {
     "smoke": dict(n_train_per_class=8, n_test_per_class=4, num_steps=6, batch_size=16),
-    "default": dict(n_train_per_class=64, n_test_per_class=50, num_steps=150, batch_size=64),
+    "default": dict(n_train_per_class=64, n_test_per_class=50, num_steps=100, batch_size=64),
     "gpu": dict(n_train_per_class=None, n_test_per_class=100, num_steps=2000, batch_size=128),
     # Whole training and test sets: what lib.reproduce runs the recipes at (each recipe sets its steps and batch).
     "full": dict(n_train_per_class=None, n_test_per_class=None, num_steps=2000, batch_size=128),
@@ -94,6 +94,32 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
         table.insert(0, "method", method)
         tables.append(table)
     return pd.concat(tables, ignore_index=True), trained
+
+
+def finetune_models(model, tokenizer, bench, runs, num_steps, batch_size, device="auto", progress=True):
+    """{label: fine-tuned model} for `runs` {label: (method, seed, hparams)}, each fine-tuned on bench.train like a
+    run of compare, in worker processes where they pay (lib.parallel): for the notebooks that need the weights
+    themselves (WiSE-FT, Model Stock), which the runner's store does not keep."""
+    from . import parallel
+    labels = list(runs)
+    workers = parallel.default_workers(len(labels), num_steps, device)
+    states = parallel.map_runs(_finetuned_state, [runs[label] for label in labels],
+                               (model, tokenizer, bench, num_steps, batch_size, device), workers, desc="fine-tuning",
+                               progress=progress)
+    tuned = {}
+    for label, state in zip(labels, states):
+        tuned[label] = copy.deepcopy(model).eval()
+        tuned[label].load_state_dict(state)
+    return tuned
+
+
+def _finetuned_state(model, tokenizer, bench, num_steps, batch_size, device, run):
+    method, seed, hparams = run
+    trained = finetune(model, get_method(method, batch_size=batch_size, **hparams), bench.train, tokenizer,
+                       num_steps=num_steps, seed=seed, device=device, progress=False)
+    if trained.head is not None:
+        raise ValueError(f"{method} classifies with a head of its own: finetune_models returns models only.")
+    return {name: tensor.cpu() for name, tensor in trained.model.state_dict().items()}
 
 
 def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device="auto", progress=True, **hparams):

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 MAX_WORKERS = 4
-MIN_RUNS_PER_WORKER = 3  # so that a worker's start is a small part of its work
+MIN_RUNS_PER_WORKER = 2  # so that a worker's start is a small part of its work
 MIN_STEPS = 20  # shorter runs (the smoke budget, the tests) take less time than a worker's start
 
 _pools = {}

@@ -244,11 +244,12 @@ def _git_commit():
 
 def record(run, trained, device):
     """The .json of a stored run: its parameters, its key and provenance, the hyperparameters that actually ran
-    (the method's, defaults and data templates resolved), and what is recorded without being keyed: the commit,
-    every library version, Python, the device, the number of processes and the time."""
+    (the method's, defaults and data templates resolved), the loss after every step (load_histories), and what is
+    recorded without being keyed: the commit, every library version, Python, the device, the number of processes
+    and the time."""
     import torch
     return dict(run=run, key=run_key(run), provenance=provenance(run), hparams=trained.method.hparams,
-                git_commit=_git_commit(), versions=_versions(KEYED_LIBRARIES + ("pandas",)),
+                history=[float(loss) for loss in trained.history], git_commit=_git_commit(), versions=_versions(KEYED_LIBRARIES + ("pandas",)),
                 python=platform.python_version(), device=str(device),
                 world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -473,6 +474,17 @@ def load_changes(runs, results_dir="results"):
     return _load(runs, results_dir, "change")
 
 
+def load_histories(runs, results_dir="results"):
+    """The training loss after every optimizer step of each of `runs` (a list of lists, in the order of `runs`),
+    read from their stored .json; a run not stored intact is an error, as in load_results."""
+    histories = []
+    for run in runs:
+        key = run_key(run)
+        _check_stored(run, key, results_dir)
+        histories.append(json.loads(_paths(results_dir, key)["json"].read_text())["history"])
+    return histories
+
+
 def stored(results_dir, key):
     """(done, problem): whether the run under `key` is stored intact (its .json, written last, and both CSVs with
     the rows and sha256 the .json records), and else why not (None when nothing of it is there)."""
@@ -510,11 +522,7 @@ def _load(runs, results_dir, part="results"):
     tables = []
     for run in runs:
         key = run_key(run)
-        done, problem = stored(results_dir, key)
-        if not done:  # never read a damaged or missing result
-            raise FileNotFoundError(f"{problem or f'the run {key} is not stored in {results_dir}'} "
-                                    f"({run['method']}, seed {run['seed']}): run_grid (or python -m lib.runner) with "
-                                    f"the same grid trains it again.")
+        _check_stored(run, key, results_dir)
         table = pd.read_csv(io.BytesIO(_paths(results_dir, key)[part].read_bytes()))
         varied = {**run["hparams"], **{name: run[name] for name in SIZES if name in run}}
         label = " ".join([run["method"]] + [f"{n}={v}" for n, v in sorted(varied.items())])
@@ -522,6 +530,14 @@ def _load(runs, results_dir, part="results"):
                                    **{name: json.dumps(value) if isinstance(value, (list, dict)) else value
                                       for name, value in varied.items()}))
     return pd.concat(tables, ignore_index=True)
+
+
+def _check_stored(run, key, results_dir):
+    done, problem = stored(results_dir, key)
+    if not done:  # never read a damaged or missing result
+        raise FileNotFoundError(f"{problem or f'the run {key} is not stored in {results_dir}'} "
+                                f"({run['method']}, seed {run['seed']}): run_grid (or python -m lib.runner) with "
+                                f"the same grid trains it again.")
 
 
 def _write_atomically(results_dir, key, sidecar, table, change):

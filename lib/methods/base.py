@@ -25,7 +25,7 @@ class Method:
     # different seeds do not share a start (Model Stock needs one).
     seeded_start = False
     # templates=None: the prompt templates of the training data (lib.data.templates_for); set it to override.
-    HPARAMS = dict(lr=3e-4, weight_decay=0.1, batch_size=64, num_steps=150, warmup_steps=10, grad_clip=1.0,
+    HPARAMS = dict(lr=3e-4, weight_decay=0.1, batch_size=64, num_steps=100, warmup_steps=10, grad_clip=1.0,
                    templates=None)
     # The values every numeric hyperparameter may take, checked when the method is built (merged like HPARAMS).
     RANGES = dict(lr=Number(0, low_open=True, why="the optimizer's step size"), weight_decay=Number(0),
