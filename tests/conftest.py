@@ -1,17 +1,8 @@
+# The environment every test run sets (quick budgets, figures and cache elsewhere) is in the root conftest.py.
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-
-# Before any notebook kernel starts (nbval, papermill): quick budgets, and figures away from figures/.
-os.environ.setdefault("LAB_BUDGET", "smoke")
-os.environ.setdefault("LAB_FIGURES", tempfile.mkdtemp(prefix="lab-figures-"))
-os.environ.setdefault("TQDM_DISABLE", "1")
-# One cache for every test process (pytest-xdist's workers, notebook kernels): a file in it is keyed by its inputs.
-os.environ.setdefault("LAB_CACHE", os.path.join(tempfile.gettempdir(), "robust-clip-lab-tests"))
-os.environ.setdefault("LAB_WORKERS", "1")  # one process: tests count calls in it (test_parallel asks for workers)
 
 
 @pytest.fixture(scope="module")
