@@ -42,11 +42,21 @@ class RunJob:
         command = ["-m", "lib.runner", grid_file, "--results-dir", results_dir, "--device", device]
         if processes > 1:
             command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *command]
-        subprocess.run([sys.executable, *command], check=True)
+        subprocess.run([sys.executable, *command], check=True, preexec_fn=_end_with_parent)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _end_with_parent():
+    """In the runner's process, before it starts: on Linux, be killed when the job's task ends, however it ends (a
+    local job killed or cancelled: submitit stops the task, and an orphaned runner would train and store its run
+    anyway). Slurm ends a job's processes itself."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def executor(launcher, folder, gpus_per_node, partition=None, cpus_per_task=None, timeout_min=240):
