@@ -56,7 +56,7 @@ def _end_with_parent():
     if sys.platform == "linux":
         import ctypes
         import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def executor(launcher, folder, gpus_per_node, partition=None, cpus_per_task=None, timeout_min=240):

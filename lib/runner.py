@@ -249,7 +249,8 @@ def record(run, trained, device):
     and the time."""
     import torch
     return dict(run=run, key=run_key(run), provenance=provenance(run), hparams=trained.method.hparams,
-                history=[float(loss) for loss in trained.history], git_commit=_git_commit(), versions=_versions(KEYED_LIBRARIES + ("pandas",)),
+                history=[float(loss) for loss in trained.history], git_commit=_git_commit(),
+                versions=_versions(KEYED_LIBRARIES + ("pandas",)),
                 python=platform.python_version(), device=str(device),
                 world_size=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -200,8 +200,8 @@ def test_the_runner_and_compare_give_the_same_results(tmp_path):
     size = runner.run_size(runner.expand(grid)[0])
     model, preprocess, tokenizer = models.load_clip("mini")
     bench = load_benchmark("shapeworld", None, ["photo"], size["n_train_per_class"], 2).with_transform(preprocess)
-    from_compare, trained = experiments.compare(model, tokenizer, bench, ["ft"], [1], size["num_steps"], size["batch_size"],
-                                          progress=False)
+    from_compare, trained = experiments.compare(model, tokenizer, bench, ["ft"], [1], size["num_steps"],
+                                                size["batch_size"], progress=False)
     assert list(from_compare.columns[:2]) == ["method", "seed"]
     columns = list(from_compare.columns)
     pd.testing.assert_frame_equal(from_runner[columns], from_compare)

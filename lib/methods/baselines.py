@@ -125,10 +125,10 @@ class LinearHeadTuning(Method):
 
 def linear_probe(features, labels, weight, bias, C=1.0, iterations=500):
     """A multinomial logistic regression on fixed features, fitted from the given start (weight [K, D], bias [K]
-    for K classes) by full-batch L-BFGS: LP-FT's first phase. C is scikit-learn's inverse regularization strength, which `lp`
-    uses: the objective is scikit-learn's, C * summed cross-entropy + sum(weight ** 2) / 2, divided by C * N so that
-    L-BFGS sees a mean. It has one minimum, so this probe is `lp`'s head, reached from the zero-shot start (the
-    start only saves iterations). Returns (weight, bias)."""
+    for K classes) by full-batch L-BFGS: LP-FT's first phase. C is scikit-learn's inverse regularization strength,
+    which `lp` uses: the objective is scikit-learn's, C * summed cross-entropy + sum(weight ** 2) / 2, divided by
+    C * N so that L-BFGS sees a mean. It has one minimum, so this probe is `lp`'s head, reached from the zero-shot
+    start (the start only saves iterations). Returns (weight, bias)."""
     weight, bias = weight.clone().float().requires_grad_(), bias.clone().float().requires_grad_()
     features, labels = features.float(), labels.long()
     l2 = 1.0 / (2.0 * C * len(labels))
