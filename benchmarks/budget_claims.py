@@ -1,12 +1,14 @@
-"""What the default budget's steps buy: the main claims of notebooks 00-05 decided at other numbers of steps.
+"""What the default budget's steps buy: the main claims of notebooks 00-05 decided at other numbers of steps and
+batch sizes.
 
 The walkthrough's time is nearly all training (a run of 150 steps: about 19 s of training and 2 s of evaluation on
 a 2-core CPU), so a cheaper default budget means fewer steps: it went from 150 to 100 on this benchmark's evidence.
-This trains the methods below at each step count asked (5 seeds by default), through the runner's store (runs
+This trains the methods below at each size asked (5 seeds by default), through the runner's store (runs
 already stored, e.g. by the walkthrough, are read, not trained), and prints the paired effect of each claim with
-its 95 % interval and its verdict (lib.verdicts), one column per step count, then the time each count took.
+its 95 % interval and its verdict (lib.verdicts), one column per size, then the time each size took. A size is a
+step count (at the budget's batch) or STEPSxBATCH.
 
-    PYTHONPATH=. python benchmarks/budget_claims.py 50 150       # beside the default budget's 100 steps
+    PYTHONPATH=. python benchmarks/budget_claims.py 50 150 100x32    # beside the default budget's own size
 """
 import argparse
 import time
@@ -34,7 +36,7 @@ CLAIMS = [("ft gains ID over zero-shot", "ft", "zeroshot", "id"),
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("num_steps", type=int, nargs="*", help="step counts beside the default budget's")
+    parser.add_argument("sizes", nargs="*", help="sizes beside the budget's: STEPS or STEPSxBATCH, e.g. 50 100x32")
     parser.add_argument("--results-dir", default="results", help="the runner's store (the walkthrough's: results)")
     parser.add_argument("--train-domains", nargs="+", default=["cartoon"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -42,19 +44,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     claims = [dict(claim=c, method=m, baseline=b, metric=metric) for c, m, b, metric in CLAIMS]
     tables, seconds = [], {}
-    for steps in [None, *args.num_steps]:
+    for size in [None, *args.sizes]:
         grid = dict(methods=METHODS, seeds=args.seeds, budget=args.budget, train_domains=args.train_domains)
-        if steps:
-            grid["num_steps"] = [steps]
-        label = steps or runner.run_size(runner.expand(grid)[0])["num_steps"]
+        if size:
+            steps, _, batch = size.partition("x")
+            grid.update(num_steps=[int(steps)], **({"batch_size": [int(batch)]} if batch else {}))
+        own = runner.run_size(runner.expand(grid)[0])
+        label = f"{own['num_steps']}x{own['batch_size']}"
         start = time.perf_counter()
         results = runner.run_grid(grid, args.results_dir, progress=False)
         seconds[label] = time.perf_counter() - start
-        tables.append(verdicts.verdicts(summarize(results, args.train_domains), claims).assign(num_steps=label))
+        tables.append(verdicts.verdicts(summarize(results, args.train_domains), claims).assign(size=label))
     table = pd.concat(tables)
     table["effect"] = table.apply(lambda r: f"{r.effect:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]", axis=1)
     for column in ("effect", "verdict"):
-        print(table.pivot(index="claim", columns="num_steps", values=column).loc[[c for c, *_ in CLAIMS]].to_string())
+        print(table.pivot(index="claim", columns="size", values=column).loc[[c for c, *_ in CLAIMS]].to_string())
         print()
     print("seconds (0 for runs read from the store):", {k: round(v) for k, v in seconds.items()})
 
