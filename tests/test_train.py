@@ -6,6 +6,7 @@ import torch
 from lib import methods, models
 from lib.data import shapeworld as sw
 from lib.evaluate import evaluate
+from lib.methods.base import adamw
 from lib.train import cosine_schedule, finetune
 
 FAST = dict(num_steps=4, batch_size=16, warmup_steps=1)
@@ -29,6 +30,26 @@ def test_cosine_schedule_closed_form():
         scheduler.step()
     expected = [1.0, 2.0] + [2.0 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert seen == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_lab_optimizer_is_torchs_adamw_fused(grouped):
+    torch.manual_seed(0)
+    weights = [torch.randn(40, 30), torch.randn(30)]
+    copies = [[w.clone().requires_grad_() for w in weights] for _ in range(2)]
+    head_lr = [{"lr": 1e-2}] if grouped else [{}]
+    params = [[{"params": [a]}, {"params": [b], **head_lr[0]}] if grouped else [a, b] for a, b in copies]
+    lab = adamw(params[0], lr=1e-3, weight_decay=0.1)
+    reference = torch.optim.AdamW(params[1], lr=1e-3, weight_decay=0.1, fused=False)
+    assert lab.defaults["fused"] and not reference.defaults["fused"]
+    for _ in range(5):
+        gradients = [torch.randn_like(w) for w in weights]
+        for optimizer, tensors in ((lab, copies[0]), (reference, copies[1])):
+            for tensor, gradient in zip(tensors, gradients):
+                tensor.grad = gradient.clone()
+            optimizer.step()
+    for a, b, start in zip(*copies, weights):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6) and not torch.equal(a, start)
 
 
 def test_ft_trains_only_the_image_encoder_and_leaves_the_callers_model(setup):

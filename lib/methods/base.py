@@ -70,8 +70,7 @@ class Method:
         return [(n, p) for n, p in model.named_parameters() if n.startswith("visual.")]
 
     def make_optimizer(self, named_parameters):
-        return torch.optim.AdamW([p for _, p in named_parameters], lr=self.hparams["lr"],
-                                 weight_decay=self.hparams["weight_decay"])
+        return adamw([p for _, p in named_parameters], lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
     def make_scheduler(self, optimizer, num_steps):
         """The learning-rate schedule, stepped after every optimizer step: CLIP's linear warm-up and cosine decay,
@@ -150,6 +149,15 @@ class Modifier(Method):
 METHODS = {}
 MODIFIERS = {}
 ALIASES = {}
+
+
+def adamw(params, lr, weight_decay):
+    """torch.optim.AdamW, fused where torch has the fused kernel for every parameter's device (CPU and CUDA): the
+    same update, in one pass over the weights instead of a dozen; on a 2-core CPU a step of mini-CLIP's optimizer
+    takes a fifth of the time (benchmarks/bench_optimizer.py)."""
+    tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else params
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def register(cls):

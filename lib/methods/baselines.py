@@ -14,7 +14,7 @@ from ..checks import Number
 from ..losses import cross_entropy_loss
 from ..models import encode_images, zeroshot_head
 from ..train import Trained
-from .base import Method, register
+from .base import Method, adamw, register
 
 
 @register
@@ -110,7 +110,7 @@ class LinearHeadTuning(Method):
         head = [p for n, p in named_parameters if n.startswith(f"{self.head_name}.")]
         encoder = [p for n, p in named_parameters if not n.startswith(f"{self.head_name}.")]
         groups = [{"params": encoder}] + ([{"params": head, "lr": self.hparams["head_lr"]}] if head else [])
-        return torch.optim.AdamW(groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        return adamw(groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
     def loss(self, model, images, labels, indices):
         image_features = model.encode_image(images, normalize=True)
