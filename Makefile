@@ -18,8 +18,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[test]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
-	@# One process compiles what the tests and notebooks import, before pytest's workers would each do it at once.
-	$(BIN)/python -c "import lib.experiments, lib.plots, lib.runner, lib.launch, lib.explorer, nbval.plugin, papermill"
 	touch $@
 
 walkthrough: install
