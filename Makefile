@@ -4,10 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-# pip installs without byte-compiling (about two minutes of torch's files that no test imports), and Python caches
-# what is imported, once. Some machines set PYTHONDONTWRITEBYTECODE, which would make every test process, notebook
-# kernel and worker compile torch from source again: not in these recipes.
-unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install walkthrough test
 
@@ -16,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
 
