@@ -37,10 +37,12 @@ def test_the_lab_optimizer_is_torchs_adamw_fused(grouped):
     torch.manual_seed(0)
     weights = [torch.randn(40, 30), torch.randn(30)]
     copies = [[w.clone().requires_grad_() for w in weights] for _ in range(2)]
-    head_lr = [{"lr": 1e-2}] if grouped else [{}]
-    params = [[{"params": [a]}, {"params": [b], **head_lr[0]}] if grouped else [a, b] for a, b in copies]
-    lab = adamw(params[0], lr=1e-3, weight_decay=0.1)
-    reference = torch.optim.AdamW(params[1], lr=1e-3, weight_decay=0.1, fused=False)
+
+    def params(a, b):  # as LP-FT gives them: the head in a group of its own, at its own rate
+        return [{"params": [a]}, {"params": [b], "lr": 1e-2}] if grouped else [a, b]
+
+    lab = adamw(params(*copies[0]), lr=1e-3, weight_decay=0.1)
+    reference = torch.optim.AdamW(params(*copies[1]), lr=1e-3, weight_decay=0.1, fused=False)
     assert lab.defaults["fused"] and not reference.defaults["fused"]
     for _ in range(5):
         gradients = [torch.randn_like(w) for w in weights]
