@@ -76,8 +76,8 @@ def lab_steps(model, tokenizer, name, data, batch_size, steps, device):
 
 
 def bare_steps(model, tokenizer, name, data, batch_size, steps, device):
-    """The same steps written plainly: the same model, loss, AdamW, clipping and batches (GlobalBatches' first
-    ones, from the same decoded images)."""
+    """The same steps written plainly: the same model, loss, AdamW (fused, as lib.methods.base.adamw makes it on a
+    CPU or a GPU), clipping and batches (GlobalBatches' first ones, from the same decoded images)."""
     import copy
     model = train_mode(copy.deepcopy(model).to(device))
     tokens = tokenizer([TEMPLATES[0].format(c) for c in CLASSES]).to(device)
@@ -87,7 +87,7 @@ def bare_steps(model, tokenizer, name, data, batch_size, steps, device):
     params = [p for n, p in model.named_parameters() if name == "flyp" or n.startswith("visual.")]
     for p in model.parameters():
         p.requires_grad_(any(p is q for q in params))
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     batches = iter(GlobalBatches(len(data), batch_size, seed=0))
     stamps = []
     for _ in range(steps):
