@@ -106,6 +106,38 @@ def test_candidate_pairs_are_the_web_corpus_items():
     pairs = corpus.pairs([31, 4])
     assert torch.equal(pairs.images, whole.images[[31, 4]])
     assert pairs.captions == [whole.captions[31], whole.captions[4]] == [corpus.captions[31], corpus.captions[4]]
+    assert corpus.pairs([31, 4]) is pairs  # kept for the same indices, and made anew for others
+    assert torch.equal(corpus.pairs([4, 31, 7]).images, whole.images[[4, 31, 7]])
+
+
+def test_a_sweep_builds_the_shapeworld_corpus_and_renders_the_pairs_it_finds_once_per_process(setup, monkeypatch):
+    model, tokenizer, train = setup
+    rendered, render = [], sw.render_corpus
+    monkeypatch.setattr(sw, "render_corpus", lambda *args: rendered.append(len(args[1])) or render(*args))
+    runs = [methods.get_method("arf-ret", num_candidates=70, k=2) for _ in range(3)]
+    for seed, run in enumerate(runs):
+        run.setup(model, tokenizer, train, num_steps=1, seed=seed)
+    assert anchors.CandidateCorpus.shapeworld(70) is anchors.CandidateCorpus.shapeworld(70)
+    assert anchors.CandidateCorpus.shapeworld(70) is not anchors.CandidateCorpus.shapeworld(70, classes=["star"])
+    assert len(rendered) == 1  # the seeds retrieve the same pairs with the frozen model
+    whole = sw.web_corpus(70, stream="candidates")
+    for image, caption in zip(runs[2].anchor_set.images, runs[2].anchor_set.captions):  # (captions can repeat)
+        assert any(torch.equal(image, whole.images[j]) for j, text in enumerate(whole.captions) if text == caption)
+
+
+def test_arf_tokenizes_each_text_once_per_run_and_encodes_the_tokenizers_rows(setup, monkeypatch):
+    from lib.methods import arf
+    model, tokenizer, train = setup
+    method = methods.get_method("arf-cap")
+    method.setup(model, tokenizer, train, num_steps=1, seed=0)
+    tokenized, encoded = [], []
+    method.tokenizer = lambda texts: tokenized.append(list(texts)) or tokenizer(texts)
+    monkeypatch.setattr(arf, "encode_text", lambda model, tokens: encoded.append(tokens))
+    method._text(model, ["a red star", "a blue ring", "a red star"])
+    method._text(model, ["a green cross", "a red star"])
+    assert tokenized == [["a red star", "a blue ring"], ["a green cross"]]
+    assert torch.equal(encoded[0], tokenizer(["a red star", "a blue ring", "a red star"]))
+    assert torch.equal(encoded[1], tokenizer(["a green cross", "a red star"]))
 
 
 def test_candidates_of_some_classes_keep_exactly_the_pairs_whose_every_object_is_of_them():
