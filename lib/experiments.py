@@ -128,9 +128,20 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
     (callers label it), with reliability bins, and, when the benchmark has validation images, the temperature
     fitted on them (a column) and ece_scaled at that temperature; and the Trained. The prompt templates are the
     benchmark's unless hparams set them."""
-    method = get_method(method, batch_size=batch_size, **{"templates": bench.templates, **hparams})
-    trained = finetune(model, method, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
+    return run_shared(model, tokenizer, bench, [(method, hparams)], seed, num_steps, batch_size, device, progress)[0]
+
+
+def run_shared(model, tokenizer, bench, methods, seed, num_steps, batch_size, device="auto", progress=True):
+    """run_one for several (method, hparams) that take one trajectory (Method.trajectory; e.g. "ft" and "bma"):
+    one training, then each evaluated. Returns [(table, trained)] in order."""
+    built = [get_method(name, batch_size=batch_size, **{"templates": bench.templates, **hparams})
+             for name, hparams in methods]
+    trained = finetune(model, built, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
                        progress=progress)
+    return [(_evaluated(result, tokenizer, bench), result) for result in trained]
+
+
+def _evaluated(trained, tokenizer, bench):
     templates = trained.method.hparams["templates"]
     temperature = None
     if bench.validation is not None and len(bench.validation):
@@ -141,7 +152,7 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
                      classification=bench.classification, metrics=bench.metrics)
     if temperature is not None:
         table["temperature"] = temperature
-    return table, trained
+    return table
 
 
 def change_probe(model, tokenizer, bench, num_images=256, seed=0):
@@ -193,46 +204,44 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     The sample is lib.data.folders.fraction_sample(bench.train, fraction, seed): balanced over the source
     domains and nested across fractions for one seed. The number of optimizer steps is FIXED (num_steps at every
     fraction > 0: equal compute per point, and a small sample is seen for more epochs); fraction 0 trains nothing
-    (zero-shot for CLIP methods, a random head for vision-only). A method "X+swa" (or alias "X-swa") and "X" in
-    the same call share one trajectory when X+swa keeps X's schedule (swa_lr None): X is the live model at the end of
-    the SWA run, so the pair costs one run.
+    (zero-shot for CLIP methods, a random head for vision-only). Methods that take one trajectory (e.g. "ce" and
+    "ce-swa" with swa_lr None: SWA then only watches ce's steps) share one training.
 
     Returns a tidy table: method, fraction, seed, domain, n, accuracy (every class in one group, "all").
     """
     hparams = hparams or {}
-    resolved = {m: ALIASES.get(m, m) for m in methods}
-    # Only an SWA run that keeps the base schedule (swa_lr None) has X's trajectory; the averaging phase changes it.
-    keeps_schedule = [m for m in methods if resolved[m].endswith("+swa")
-                      and get_method(m, **hparams.get(m, {})).hparams["swa_lr"] is None]
-    shared = {m: next(s for s in keeps_schedule if resolved[s] == f"{resolved[m]}+swa")
-              for m in methods if any(resolved[s] == f"{resolved[m]}+swa" for s in keeps_schedule)}
-    runs = [(m, f, s) for f in fractions for s in seeds for m in methods if m not in shared]
+    groups = by_trajectory(methods, lambda name: get_method(name, batch_size=batch_size, **hparams.get(name, {})))
+    runs = [(group, f, s) for f in fractions for s in seeds for group in groups]
     from . import parallel
     workers = parallel.default_workers(len(runs), num_steps, device)
-    tables = parallel.map_runs(_fraction_run, runs, (model, tokenizer, bench, num_steps, batch_size, device, hparams,
-                                                     shared), workers, desc="runs", progress=progress)
-    return pd.concat([table for pair in tables for table in pair], ignore_index=True)
+    tables = parallel.map_runs(_fraction_run, runs, (model, tokenizer, bench, num_steps, batch_size, device, hparams),
+                               workers, desc="runs", progress=progress)
+    return pd.concat([table for group in tables for table in group], ignore_index=True)
 
 
-def _fraction_run(model, tokenizer, bench, num_steps, batch_size, device, hparams, shared, run):
-    """One run of fraction_sweep: the tables of `name` (and of the method that shares its trajectory)."""
+def by_trajectory(items, method_of):
+    """`items` in groups (in order) whose methods, method_of(item), take the same steps (Method.trajectory): each
+    group trains once (lib.train.finetune given a list of methods)."""
+    groups = {}
+    for item in items:
+        groups.setdefault(method_of(item).trajectory(), []).append(item)
+    return list(groups.values())
+
+
+def _fraction_run(model, tokenizer, bench, num_steps, batch_size, device, hparams, run):
+    """One training of fraction_sweep: the tables of the methods of one trajectory."""
     from .data.folders import fraction_sample
     from .evaluate import evaluate as _evaluate
-    name, fraction, seed = run
+    names, fraction, seed = run
     train = fraction_sample(bench.train, fraction, seed)
     steps = num_steps if len(train) else 0
-    method = get_method(name, batch_size=batch_size, **hparams.get(name, {}))
-    trained = finetune(model, method, train, tokenizer, num_steps=steps, seed=seed, device=device, progress=False)
-    outputs = [(name, trained.model, trained.head)]
-    live = [m for m, swa in shared.items() if swa == name]
-    if live:
-        final = getattr(method, "live", None) or trained
-        outputs.append((live[0], final.model, final.head))
+    methods = [get_method(name, batch_size=batch_size, **hparams.get(name, {})) for name in names]
+    trained = finetune(model, methods, train, tokenizer, num_steps=steps, seed=seed, device=device, progress=False)
     every_class = {"all": bench.train.ids}  # the test set has the same classes
-    return [_evaluate(trained_model, tokenizer, bench.test, groups=every_class, head=head,
-                      templates=method.hparams["templates"], method=label, fraction=fraction,
+    return [_evaluate(result.model, tokenizer, bench.test, groups=every_class, head=result.head,
+                      templates=result.method.hparams["templates"], method=name, fraction=fraction,
                       seed=seed).drop(columns="group")
-            for label, trained_model, head in outputs]
+            for name, result in zip(names, trained)]
 
 
 def dg_summary(results, train_domains):

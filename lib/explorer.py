@@ -48,24 +48,34 @@ def knob_grid(grid, knob, value):
     return {**grid, "methods": [method], "hparams": hparams}
 
 
+def points(grid, sweep):
+    """The runner's grids of a sweep {knob: value, or a list of values}, one per value."""
+    return [knob_grid(grid, knob, value) for knob, values in sweep.items()
+            for value in (values if isinstance(values, (list, tuple)) else [values])]
+
+
 def frontier(grid, choices, results_dir="results", device="auto", progress=True):
     """One summary row per knob (mean over the grid's seeds): knob, method, value, id, domain_shift, new, hm.
-    choices: {knob: value}; a value not stored yet is trained through the runner (and stored), with the runner's
-    progress bar (it names the method) unless progress=False."""
+    choices: {knob: value}; values not stored yet are trained through the runner (and stored), side by side, with
+    the runner's progress bar (it names the methods) unless progress=False."""
+    tables = runner.run_grids(points(grid, choices), results_dir, device=device, progress=progress)
     rows = []
-    for knob, value in choices.items():
-        point = knob_grid(grid, knob, value)
-        results = runner.run_grid(point, results_dir, device=device, progress=progress)
-        summary = summarize(results, point["train_domains"])
+    for (knob, value), results in zip(choices.items(), tables):
+        summary = summarize(results, grid["train_domains"])
         rows.append({"knob": knob, "method": KNOBS[knob][0], "value": value,
                      **summary[["id", "domain_shift", "new", "hm"]].mean().to_dict()})
     return pd.DataFrame(rows)
 
 
-def missing_runs(grid, choices, results_dir="results"):
-    """How many runs frontier(grid, choices) would train: those not stored yet (what a first use costs)."""
-    runs = [run for knob, value in choices.items() for run in runner.expand(knob_grid(grid, knob, value))]
-    return sum(not runner.stored(results_dir, runner.run_key(run))[0] for run in runs)
+def train(grid, sweep, results_dir="results", device="auto", progress=True):
+    """Train and store, side by side, every run of a sweep {knob: value or [values]} that is not stored yet."""
+    runner.run_grids(points(grid, sweep), results_dir, device=device, progress=progress)
+
+
+def missing_runs(grid, sweep, results_dir="results"):
+    """How many runs train(grid, sweep) would train: those not stored yet (what a first use costs)."""
+    runs = {runner.run_key(run) for point in points(grid, sweep) for run in runner.expand(point)}
+    return sum(not runner.stored(results_dir, key)[0] for key in runs)
 
 
 def stored(grid, results_dir="results"):

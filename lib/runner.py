@@ -89,17 +89,23 @@ def stored_compare(grid, hparams=None, results_dir="results", device="auto", pro
     the same run is stored already (by another notebook or the command line) and trained and stored otherwise.
     hparams: {method: {name: value}}, as compare takes them; a value equal to the registry's default is left out
     of the run, so that a method as shipped is one stored run whichever notebook asks for it."""
+    import pandas as pd
+    grids = [_as_shipped(grid, method, (hparams or {}).get(method, {})) for method in grid["methods"]]
+    return pd.concat(run_grids(grids, results_dir, device, progress), ignore_index=True)
+
+
+def stored_sweep(grid, method, variants, results_dir="results", device="auto", progress=True):
+    """stored_compare of `method` once for each {name: value} of the list `variants`, all trained together (side by
+    side in the workers, where a sweep of one run per value would train one at a time): one table per variant."""
+    return run_grids([_as_shipped(grid, method, variant) for variant in variants], results_dir, device, progress)
+
+
+def _as_shipped(grid, method, hparams):
+    """The grid of `method` alone with `hparams`, less the values equal to the registry's defaults."""
     from .methods import get_method
-    runs, todo, benchmarks = [], [], {}
-    for method in grid["methods"]:
-        defaults = get_method(method).hparams
-        changed = {name: value for name, value in (hparams or {}).get(method, {}).items()
-                   if name not in defaults or defaults[name] != value}
-        planned = prepare({**grid, "methods": [method], "hparams": changed}, results_dir, progress, device)
-        runs += planned[0]
-        todo += planned[1]
-        benchmarks.update(planned[2])
-    return execute(runs, todo, benchmarks, results_dir, device, progress)  # one call: its workers share all runs
+    defaults = get_method(method).hparams
+    changed = {name: value for name, value in hparams.items() if name not in defaults or defaults[name] != value}
+    return {**grid, "methods": [method], "hparams": changed}
 
 
 def _combinations(values):
@@ -350,36 +356,74 @@ def run_grid(grid, results_dir="results", device="auto", progress=True):
     return execute(*prepare(grid, results_dir, progress, device), results_dir, device, progress)
 
 
+def run_grids(grids, results_dir="results", device="auto", progress=True):
+    """run_grid for several grids at once: their missing runs train together (one pool of workers; a run two grids
+    share trains once, as do runs of one trajectory); one table per grid, in order."""
+    planned = [prepare(grid, results_dir, progress, device) for grid in grids]
+    runs = [run for grid_runs, _, _ in planned for run in grid_runs]
+    todo = list({run_key(run): run for _, grid_todo, _ in planned for run in grid_todo}.values())
+    benchmarks = {setting: bench for _, _, found in planned for setting, bench in found.items()}
+    train_missing(runs, todo, benchmarks, results_dir, device, progress)
+    return [load_results(grid_runs, results_dir) for grid_runs, _, _ in planned]
+
+
 def execute(runs, todo, benchmarks, results_dir="results", device="auto", progress=True, workers=None):
     """Train and store the runs of `todo` (prepare's output), each under its lock; a run another runner holds is
-    left for the end, then waited for. workers: processes that train side by side on the CPU (lib.parallel;
-    None: lib.parallel.default_workers). Returns the results of all `runs`."""
+    left for the end, then waited for. Runs that take one trajectory (same setting, size and seed, and methods that
+    differ only in weight averages that watch the steps: lib.methods.base.Watcher, e.g. ft and bma) train once.
+    workers: processes that train side by side on the CPU (lib.parallel; None: lib.parallel.default_workers).
+    Returns the results of all `runs`."""
+    train_missing(runs, todo, benchmarks, results_dir, device, progress, workers)
+    return load_results(runs, results_dir)
+
+
+def train_missing(runs, todo, benchmarks, results_dir="results", device="auto", progress=True, workers=None):
+    """execute without reading the results back."""
     from . import parallel
     results_dir = Path(results_dir)
     writer = _rank() == 0
+    groups = _trajectories(todo)
     if workers is None:
-        workers = parallel.default_workers(len(todo), max((run_size(run)["num_steps"] for run in todo), default=0),
+        workers = parallel.default_workers(len(groups), max((run_size(run)["num_steps"] for run in todo), default=0),
                                            device)
     names = ", ".join(dict.fromkeys(str(run.get("method")) for run in runs))
-    claimed = parallel.map_runs(_train_if_free, todo, (results_dir, device, benchmarks, False, writer), workers,
-                                desc=f"{names}: runs ({len(runs) - len(todo)} of {len(runs)} done before)",
+    shared = f", {len(todo)} in {len(groups)} trainings" if len(groups) < len(todo) else ""
+    claimed = parallel.map_runs(_train_if_free, groups, (results_dir, device, benchmarks, False, writer), workers,
+                                desc=f"{names}: runs ({len(runs) - len(todo)} of {len(runs)} done before{shared})",
                                 progress=progress and writer)
-    for run in [run for run, claim in zip(todo, claimed) if claim is None]:
+    for run in [run for group, claims in zip(groups, claimed) for run, claim in zip(group, claims) if claim is None]:
         # held by another runner: wait for it; train it only if that runner died without it
         if progress and writer:
             print(f"waiting for another runner training {run['method']} seed {run['seed']} (it holds "
                   f"{results_dir / run_key(run)}.lock)", file=sys.stderr)
-        _train_if_free(results_dir, device, benchmarks, True, writer, run)
+        _train_if_free(results_dir, device, benchmarks, True, writer, [run])
     _barrier()  # every rank reads rank 0's files
-    return load_results(runs, results_dir)
 
 
-def _train_if_free(results_dir, device, benchmarks, blocking, writer, run):
-    """Train and store `run` unless another runner holds or has stored it: _claim's decision (None: held)."""
-    with _claim(results_dir, run_key(run), blocking) as claimed:
-        if claimed:
-            _train_and_store(run, benchmarks, results_dir, device, writer)
-    return claimed
+def _trajectories(runs):
+    """`runs` in groups that take the same steps: one setting, size and seed, and methods with one trajectory."""
+    from .experiments import by_trajectory
+    from .methods import get_method
+
+    def method_of(run):
+        return get_method(run["method"], batch_size=run_size(run)["batch_size"], **run["hparams"])
+    groups = {}
+    for run in runs:
+        where = json.dumps({k: v for k, v in run.items() if k not in ("method", "hparams")}, sort_keys=True,
+                           default=str)
+        groups.setdefault(where, []).append(run)
+    return [group for same in groups.values() for group in by_trajectory(same, method_of)]
+
+
+def _train_if_free(results_dir, device, benchmarks, blocking, writer, group):
+    """Train and store the runs of `group` (one trajectory) that no other runner holds or has stored, in one
+    training: _claim's decision for each run (None: held)."""
+    with contextlib.ExitStack() as stack:
+        claims = [stack.enter_context(_claim(results_dir, run_key(run), blocking)) for run in group]
+        free = [run for run, claimed in zip(group, claims) if claimed]
+        if free:
+            _train_and_store(free, benchmarks, results_dir, device, writer)
+    return claims
 
 
 # What the last run loaded (model, tokenizer, benchmark, change probe), kept for the next run of the same setting:
@@ -387,10 +431,12 @@ def _train_if_free(results_dir, device, benchmarks, blocking, writer, run):
 _loaded = {}
 
 
-def _train_and_store(run, benchmarks, results_dir, device, writer):
+def _train_and_store(runs, benchmarks, results_dir, device, writer):
+    """Train the runs (one trajectory: one training) and store each."""
     from . import experiments
     from .change import change_table
     from .models import pick_device
+    run = runs[0]
     size = run_size(run)
     setting = (_setting(run), json.dumps(provenance(run), sort_keys=True, default=str), str(device))
     if setting not in _loaded:
@@ -402,12 +448,13 @@ def _train_and_store(run, benchmarks, results_dir, device, writer):
             bench=benchmarks.get(_setting(run)))
         _loaded[setting] = model, tokenizer, bench, experiments.change_probe(model, tokenizer, bench)
     model, tokenizer, bench, probe = _loaded[setting]
-    table, trained = experiments.run_one(model, tokenizer, bench, run["method"], run["seed"], size["num_steps"],
-                                         size["batch_size"], device, progress=False, **run["hparams"])
-    change = change_table(model, {run["method"]: trained.model}, **probe).drop(columns="method")
-    if writer:
-        _write_atomically(results_dir, run_key(run), record(run, trained, pick_device(device)),
-                          table.assign(train_domains="+".join(run["train_domains"])), change)
+    outcomes = experiments.run_shared(model, tokenizer, bench, [(r["method"], r["hparams"]) for r in runs],
+                                      run["seed"], size["num_steps"], size["batch_size"], device, progress=False)
+    for run, (table, trained) in zip(runs, outcomes):
+        change = change_table(model, {run["method"]: trained.model}, **probe).drop(columns="method")
+        if writer:
+            _write_atomically(results_dir, run_key(run), record(run, trained, pick_device(device)),
+                              table.assign(train_domains="+".join(run["train_domains"])), change)
 
 
 @contextlib.contextmanager

@@ -118,7 +118,10 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     """Fine-tune a copy of `model` on `train_set` (an ImageSet with the model's transform) with `method`.
 
     method: a Method, e.g. lib.methods.get_method("mms+bma", lam=0.3); num_steps, when given, overrides its own
-    (and is recorded on it). Returns a Trained; the caller's model is never modified.
+    (and is recorded on it). Returns a Trained; the caller's model is never modified. A list of methods with one
+    trajectory (Method.trajectory: the same method but for weight averages that only watch its steps, e.g. "ft",
+    "ft+bma" and "ft+bma" at another beta) trains once and returns a list of Trained, one per method, each the
+    one its own training would give.
 
     num_workers: loader worker processes per rank (None: lib.models.default_num_workers; 0 loads in this process).
     The batches are the same whatever it is (GlobalBatches).
@@ -131,18 +134,48 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     (open_clip's gather_features), so they too see the global batch's negatives; each rank's loss is then the global
     one and DDP's mean of the gradients is the one-process gradient. The history is the loss averaged over ranks.
     """
-    if num_steps is not None:  # what runs is what the method records
-        check_number(method.name, "num_steps", num_steps, method.defaults("RANGES")["num_steps"])
-        method.hparams["num_steps"] = num_steps
-    num_steps = method.hparams["num_steps"]
+    methods = method if isinstance(method, list) else [method]
+    if len({m.trajectory() for m in methods}) > 1:
+        raise ValueError(f"{[m.name for m in methods]} do not take the same steps (Method.trajectory), so they "
+                         f"cannot share a training: fine-tune them one by one.")
+    for m in methods:
+        if num_steps is not None:  # what runs is what the method records
+            check_number(m.name, "num_steps", num_steps, m.defaults("RANGES")["num_steps"])
+            m.hparams["num_steps"] = num_steps
+    trunk = methods[0].split()[0]  # the one whose hooks take the steps; the others' trunks are its twins
+    watchers = [m.split()[1] for m in methods]
+    num_steps = trunk.hparams["num_steps"]
     device = pick_device(device)
     set_seed(seed)
     model = copy.deepcopy(model).to(device)
-    method.prompt_templates(train_set)  # recorded for every method, those that do not train included
-    method.setup(model, tokenizer, train_set, num_steps=num_steps, seed=seed)
-    if not method.trains or num_steps == 0:
-        return method.finalize(model.eval(), [])
+    for m in methods:
+        m.prompt_templates(train_set)  # recorded for every method, those that do not train included
+    trunk.setup(model, tokenizer, train_set, num_steps=num_steps, seed=seed)
+    for watcher in sum(watchers, []):
+        watcher.start(model, train_set, num_steps)
+    history = []
+    if trunk.trains and num_steps > 0:
+        _take_steps(model, trunk, [w for ws in watchers for w in ws], train_set, num_steps, seed, device, progress,
+                    num_workers, history, name=" & ".join(m.name for m in methods))
+    model.eval()
+    results = []
+    for m, own in zip(methods, watchers):
+        final = model
+        for watcher in reversed(own):  # as the method's own finalize would hand the model inward
+            final = watcher.averaged(final)
+        trained = trunk.finalize(final, list(history))
+        trained.method = m
+        bad = [name for name, p in trained.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # e.g. the last step's update overflowed, or a weight average went wrong
+            raise DivergedError(f"{m.name}: the weights it returns are not finite after {num_steps} steps (e.g. "
+                                f"{bad[:3]}); {_likely_cause(m)}")
+        results.append(trained)
+    return results if isinstance(method, list) else results[0]
 
+
+def _take_steps(model, method, watchers, train_set, num_steps, seed, device, progress, num_workers, history, name):
+    """The loop: num_steps optimizer steps of `method` on `model` (in place), each watched by `watchers`; the loss
+    of every step appended to `history`."""
     named = method.trainable_parameters(model)
     trainable = {id(p) for _, p in named}
     for p in model.parameters():
@@ -163,8 +196,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
         # changes during training.
         step_loss = torch.nn.parallel.DistributedDataParallel(step_loss, broadcast_buffers=False)
     cuda = device.type == "cuda"
-    history = []
-    for step in tqdm(range(num_steps), desc=f"{method.name} (seed {seed})", disable=not progress or rank > 0,
+    for step in tqdm(range(num_steps), desc=f"{name} (seed {seed})", disable=not progress or rank > 0,
                      leave=False):
         images, labels, indices = next(batches)
         with autocast(device):
@@ -182,18 +214,14 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
         if not math.isfinite(loss_value) or not math.isfinite(norm_value):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             value = loss_value if what == "loss" else norm_value
-            raise DivergedError(f"{method.name}: the {what} is {value} at step {step + 1} of {num_steps}; "
+            raise DivergedError(f"{name}: the {what} is {value} at step {step + 1} of {num_steps}; "
                                 f"{_likely_cause(method)}")
         optimizer.step()
         scheduler.step()
         method.after_step(model, step)
+        for watcher in watchers:
+            watcher.observe(model, step)
         history.append(loss_value)
-    trained = method.finalize(model.eval(), history)
-    bad = [name for name, p in trained.model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:  # e.g. the last step's update overflowed, or a weight average went wrong
-        raise DivergedError(f"{method.name}: the weights it returns are not finite after {num_steps} steps (e.g. "
-                            f"{bad[:3]}); {_likely_cause(method)}")
-    return trained
 
 
 class DivergedError(FloatingPointError):

@@ -19,8 +19,8 @@ def test_every_knob_offers_its_registry_default_and_a_default_is_the_run_as_ship
 def test_a_knob_value_trains_once_and_is_read_back_afterwards(monkeypatch, tmp_path):
     trained = []
     real = experiments.finetune
-    monkeypatch.setattr(experiments, "finetune", lambda model, method, *a, **k: trained.append(method.name)
-                        or real(model, method, *a, **k))
+    monkeypatch.setattr(experiments, "finetune", lambda model, methods, *a, **k: trained.extend(m.name for m in methods)
+                        or real(model, methods, *a, **k))
     knob = "bma_beta"
     assert explorer.stored(GRID, tmp_path).empty
     first = explorer.frontier(GRID, {knob: 2.0}, tmp_path)
@@ -57,6 +57,16 @@ def test_interact_shows_one_figure_per_move_and_a_note_without_a_kernel(monkeypa
     plt.close("all")
 
 
-def test_missing_runs_counts_what_a_first_use_trains(tmp_path):
+def test_missing_runs_counts_what_a_first_use_trains(monkeypatch, tmp_path):
     assert explorer.missing_runs(GRID, {"bma_beta": 2.0, "saft_alpha": 0.01}, tmp_path) == 2
     assert explorer.missing_runs({**GRID, "seeds": [0, 1]}, {"bma_beta": 2.0}, tmp_path) == 2
+    sweep = {"bma_beta": [0.1, 2.0], "saft_alpha": [0.01]}
+    assert explorer.missing_runs(GRID, sweep, tmp_path) == 3
+    trainings = []
+    real = experiments.finetune
+    monkeypatch.setattr(experiments, "finetune", lambda model, methods, *a, **k: trainings.append(len(methods))
+                        or real(model, methods, *a, **k))
+    explorer.train(GRID, sweep, tmp_path)
+    assert sorted(trainings) == [1, 2]  # the two betas average one trajectory of mms
+    assert explorer.missing_runs(GRID, sweep, tmp_path) == 0
+    assert explorer.frontier(GRID, {"bma_beta": 0.1}, tmp_path).value.tolist() == [0.1] and len(trainings) == 2

@@ -19,11 +19,12 @@ ROWS_PER_RUN = 4 * 2  # ShapeWorld's domains x the base and new groups
 
 
 def count_trainings(monkeypatch):
-    """Replace experiments.finetune (what every run calls) by itself plus a record of (method, seed)."""
+    """Replace experiments.finetune (what every run calls) by itself plus a record of (method, seed) for each method
+    it trains (one training may serve several methods: lib.train.finetune)."""
     real, calls = experiments.finetune, []
 
     def counted(model, method, *args, **kwargs):
-        calls.append((method.name, kwargs["seed"]))
+        calls.extend((m.name, kwargs["seed"]) for m in (method if isinstance(method, list) else [method]))
         return real(model, method, *args, **kwargs)
     monkeypatch.setattr(experiments, "finetune", counted)
     return calls
@@ -271,7 +272,7 @@ def test_folder_datasets_train_with_their_own_templates_and_a_dataset_column(mon
 
     def record(model, method, *args, **kwargs):
         trained = real(model, method, *args, **kwargs)
-        seen.append(trained.method.hparams["templates"])  # the data's, which the method resolved and recorded
+        seen.extend(t.method.hparams["templates"] for t in trained)  # the data's, which the method resolved
         return trained
     monkeypatch.setattr(experiments, "finetune", record)
     runner.main(["--methods", "zeroshot", "--datasets", "shapeworld", "Toy", "--data-root", str(toy_root),
@@ -346,3 +347,27 @@ def test_stored_compare_shares_runs_between_notebooks_whatever_defaults_they_spe
     assert set(shipped.method) == {"zeroshot", "mms"} and len(shipped) == 2 * ROWS_PER_RUN
     changed = runner.stored_compare(grid, {"mms": {"lam": 0.0}}, tmp_path, progress=False)
     assert trained == [("zeroshot", 0), ("mms", 0)] and set(changed[changed.method == "mms"].lam) == {0.0}
+
+
+def test_runs_of_one_trajectory_train_once_and_store_what_they_would_alone(monkeypatch, tmp_path):
+    calls = []
+    real = experiments.finetune
+    monkeypatch.setattr(experiments, "finetune", lambda model, methods, *a, **k: calls.append(
+        sorted(m.name for m in methods)) or real(model, methods, *a, **k))
+    one_seed = {**GRID, "seeds": [0]}
+    runs = (runner.expand({**one_seed, "methods": ["ft", "mms"]})
+            + runner.expand({**one_seed, "methods": ["bma"], "hparams": {"beta": [0.5, 2.0]}}))
+    for folder in ("together", "alone"):
+        (tmp_path / folder).mkdir()
+    together = runner.execute(runs, runs, {}, tmp_path / "together", progress=False)
+    assert sorted(calls) == [["bma", "bma", "ft"], ["mms"]]  # BMA only watches ft's steps
+    calls.clear()
+    alone = pd.concat([runner.execute([run], [run], {}, tmp_path / "alone", progress=False) for run in runs],
+                      ignore_index=True)
+    assert len(calls) == len(runs)
+    columns = ["method", "beta", "domain", "group", "accuracy", "ece"]
+    assert together[columns].sort_values(columns[:4]).reset_index(drop=True).equals(
+        alone[columns].sort_values(columns[:4]).reset_index(drop=True))
+    histories = [{path.stem: json.loads(path.read_text())["history"] for path in (tmp_path / folder).glob("*.json")}
+                 for folder in ("together", "alone")]
+    assert histories[0] == histories[1] and len(histories[0]) == len(runs)  # the same keys, the same losses

@@ -174,3 +174,29 @@ def test_every_numeric_hyperparameter_is_checked_when_the_method_is_built(name, 
 def test_a_modifier_on_a_method_that_does_not_train_is_rejected_when_built(name):
     with pytest.raises(ValueError, match="acts on training steps, but '(lp|zeroshot)' does not train"):
         methods.get_method(name)
+
+
+@pytest.mark.parametrize("names", [
+    [("ft", {}), ("bma", {}), ("bma", {"beta": 2.0})],  # BMA only watches ft's steps
+    [("mms", {}), ("clipood", {})],
+    [("ce", {}), ("ce-swa", {"swa_lr": None})],  # SWA on ce's own schedule watches ce's steps
+])
+def test_methods_with_one_trajectory_share_a_training_that_equals_their_own(setup, names):
+    model, tokenizer, train = setup
+    shared = finetune(model, [methods.get_method(n, **FAST, **h) for n, h in names], train, tokenizer, seed=3,
+                      progress=False)
+    for (name, hparams), together in zip(names, shared):
+        alone = finetune(model, methods.get_method(name, **FAST, **hparams), train, tokenizer, seed=3, progress=False)
+        assert together.history == alone.history and together.method.hparams == alone.method.hparams
+        assert all(torch.equal(a, b) for a, b in zip(together.model.state_dict().values(),
+                                                     alone.model.state_dict().values()))
+    first, *others = [t.model.state_dict()["visual.proj"] for t in shared]
+    assert all(not torch.equal(first, other) for other in others)  # each got its own average
+
+
+@pytest.mark.parametrize("names", [["ft", "mms"], ["ce", "ce-swa"], ["bma", "clipood"]])
+def test_methods_that_take_different_steps_cannot_share_a_training(setup, names):
+    model, tokenizer, train = setup  # ce-swa's averaging phase changes the learning rate, so ce's steps
+    assert methods.get_method(names[0]).trajectory() != methods.get_method(names[1]).trajectory()
+    with pytest.raises(ValueError, match="do not take the same steps"):
+        finetune(model, [methods.get_method(n, **FAST) for n in names], train, tokenizer, progress=False)

@@ -3,13 +3,16 @@
 A method is a small object with default hyperparameters. It says which parameters train, what the loss of a batch
 is, and what happens around the optimizer step; lib.train.finetune runs every method with the same loop.
 Modifiers (averaging, sparsity, merging) wrap any base method, so names compose: "ft+bma", "mms+bma"
-(= "clipood"), "mms+saft+bma". Each paper's module (lib.methods.clipood, .robust_ft, .arf, .saft) registers its
+(= "clipood"), "mms+saft+bma". A weight average only watches its base's trajectory (a Watcher): "ft", "ft+bma" and
+"ft+bma" at another beta take the same steps, and lib.train.finetune trains them once (Method.trajectory). Each paper's module (lib.methods.clipood, .robust_ft, .arf, .saft) registers its
 own methods, modifiers and aliases with `register` and `alias`; lib.methods imports them all.
 
     >>> method = get_method("ft", lr=3e-5)
     >>> method.hparams["lr"]
     3e-05
 """
+import json
+
 import torch
 
 from ..checks import Number, check_number, check_templates
@@ -89,6 +92,19 @@ class Method:
     def finalize(self, model, history):
         return Trained(model, None, history, self)
 
+    def split(self):
+        """(trunk, watchers): the method that takes the steps, and the weight averages around it that only watch them
+        (innermost first). A method that is no Watcher is its own trunk."""
+        return self, []
+
+    def trajectory(self):
+        """What decides every step: the trunk's name and hyperparameters, the watchers' own left out. Methods with the
+        same trajectory, trained with the same seed on the same data, take the same steps."""
+        trunk, watchers = self.split()
+        own = {name for watcher in watchers for name in watcher.MODIFIER_HPARAMS}
+        return json.dumps([trunk.name, {k: v for k, v in trunk.hparams.items() if k not in own}], sort_keys=True,
+                          default=str)
+
     def __repr__(self):
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.hparams.items() if k != 'templates')})"
 
@@ -144,6 +160,41 @@ class Modifier(Method):
 
     def finalize(self, model, history):
         return self.base.finalize(model, history)
+
+
+class Watcher(Modifier):
+    """A modifier that only watches its base's trajectory, a weight average: it has no loss, optimizer or schedule
+    of its own, so the base takes the same steps with it or without it, and one training serves the base and any
+    number of watchers (lib.train.finetune given a list of methods). Subclasses define start, observe and averaged;
+    one that changes the steps in some settings (SWA's averaging phase) says so in watches_only."""
+    watches_only = True
+
+    def start(self, model, train_set, num_steps):
+        """Before the first step, after the base's setup."""
+
+    def observe(self, model, step):
+        """After each optimizer step, after the base's after_step."""
+
+    def averaged(self, model):
+        """The module to return in place of `model`, the final state."""
+        return model
+
+    def split(self):
+        if not self.watches_only:
+            return self, []
+        trunk, watchers = self.base.split()
+        return trunk, watchers + [self]
+
+    def setup(self, model, tokenizer, train_set, num_steps, seed):
+        super().setup(model, tokenizer, train_set, num_steps, seed)
+        self.start(model, train_set, num_steps)
+
+    def after_step(self, model, step):
+        super().after_step(model, step)
+        self.observe(model, step)
+
+    def finalize(self, model, history):
+        return super().finalize(self.averaged(model), history)
 
 
 METHODS = {}

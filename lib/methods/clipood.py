@@ -7,7 +7,7 @@ and beta_weights.
 from ..averaging import BetaMovingAverage, beta_weights
 from ..checks import Number
 from ..losses import mms_loss
-from .base import Modifier, alias, register
+from .base import Watcher, alias, register
 from .baselines import FrozenTextMethod
 
 
@@ -29,9 +29,9 @@ class MarginMetricSoftmax(FrozenTextMethod):
 
 
 @register
-class BetaAverage(Modifier):
+class BetaAverage(Watcher):
     """CLIPood's BMA: the model returned is the Beta(beta, beta)-weighted mean of the zero-shot weights and
-    every later state of the trajectory."""
+    every later state of the trajectory (all parameters, a head of the base method's included)."""
     name = "bma"
     MODIFIER_HPARAMS = dict(beta=0.5)
     MODIFIER_RANGES = dict(beta=Number(0, low_open=True, why="the Beta(beta, beta) shape: CLIPood uses 0.5, 0.1 "
@@ -42,21 +42,17 @@ class BetaAverage(Modifier):
         if self.hparams["num_steps"] >= 1:  # the weights of the planned trajectory must be defined (no underflow)
             beta_weights(self.hparams["num_steps"], self.hparams["beta"])
 
-    def setup(self, model, tokenizer, train_set, num_steps, seed):
-        super().setup(model, tokenizer, train_set, num_steps, seed)
+    def start(self, model, train_set, num_steps):
         if int(num_steps) != num_steps or num_steps < 1:
             raise ValueError(f"bma: averages a trajectory of optimizer steps, so num_steps must be a positive "
                              f"integer; got {num_steps!r}")
         self.average = BetaMovingAverage(model, beta=self.hparams["beta"], total_steps=num_steps)
 
-    def after_step(self, model, step):
-        super().after_step(model, step)
+    def observe(self, model, step):
         self.average.update(model)
 
-    def finalize(self, model, history):
-        trained = super().finalize(model, history)
-        trained.model = self.average.module.eval()
-        return trained
+    def averaged(self, model):
+        return self.average.module.eval()
 
 
 alias("bma", "ft+bma")

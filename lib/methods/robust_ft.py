@@ -14,7 +14,7 @@ from ..averaging import StochasticWeightAverage
 from ..checks import Number
 from ..losses import cross_entropy_loss
 from ..models import encode_text
-from .base import Method, Modifier, alias, register
+from .base import Method, Watcher, alias, register
 from .baselines import LinearHeadTuning
 
 
@@ -65,7 +65,7 @@ class VisionOnly(LinearHeadTuning):
 
 
 @register
-class StochasticWeightAveraging(Modifier):
+class StochasticWeightAveraging(Watcher):
     """Paper 2's SWA: the model returned is the plain mean of the states at the ends of the periods of `swa_every`
     steps (epochs) that start at or after swa_start * T (T steps in all): the states after steps s = k * swa_every
     with (k - 1) * swa_every >= swa_start * T, i.e. once per epoch over the last (1 - swa_start) of training, as
@@ -93,8 +93,11 @@ class StochasticWeightAveraging(Modifier):
                       why="the learning rate of the averaging phase; None keeps the base schedule"),
         swa_anneal=Number(1, integer=True, why="averaged periods over which the rate moves to swa_lr"))
 
-    def setup(self, model, tokenizer, train_set, num_steps, seed):
-        super().setup(model, tokenizer, train_set, num_steps, seed)
+    @property
+    def watches_only(self):  # the averaging phase changes the learning rate, so the steps
+        return self.hparams["swa_lr"] is None
+
+    def start(self, model, train_set, num_steps):
         start, every = self.hparams["swa_start"], self.hparams["swa_every"]
         if every is None:
             every = max(1, len(train_set) // max(1, min(self.hparams["batch_size"], len(train_set))))
@@ -111,16 +114,14 @@ class StochasticWeightAveraging(Modifier):
         anneal = min(self.hparams["swa_anneal"], len(self.swa_steps))
         return _AveragingPhase(optimizer, base, self.phase_start, self.swa_steps, self.hparams["swa_lr"], anneal)
 
-    def after_step(self, model, step):
-        super().after_step(model, step)
+    def observe(self, model, step):
         if step + 1 in self.swa_steps:  # the loop's step is 0-based; s counts optimizer steps taken
             self.average.update(model)
 
-    def finalize(self, model, history):
-        self.live = super().finalize(model, history)  # the last state too, so "X" and "X+swa" can share a run
+    def averaged(self, model):
         if self.average.num_averaged == 0:  # no training happened (fraction 0 or num_steps 0)
-            return self.live
-        return super().finalize(self.average.module.eval(), history)
+            return model
+        return self.average.module.eval()
 
 
 class _AveragingPhase:
