@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate import class_logits, evaluate, fit_temperature
-from .methods import ALIASES, get_method
+from .methods import get_method
 from .train import finetune
 
 # What "smoke" (tests), "default" (committed notebooks, CPU minutes) and "gpu" (a GPU, any dataset) mean. None of
@@ -96,32 +96,6 @@ def compare(model, tokenizer, bench, methods, seeds, num_steps, batch_size, devi
     return pd.concat(tables, ignore_index=True), trained
 
 
-def finetune_models(model, tokenizer, bench, runs, num_steps, batch_size, device="auto", progress=True):
-    """{label: fine-tuned model} for `runs` {label: (method, seed, hparams)}, each fine-tuned on bench.train like a
-    run of compare, in worker processes where they pay (lib.parallel): for the notebooks that need the weights
-    themselves (WiSE-FT, Model Stock), which the runner's store does not keep."""
-    from . import parallel
-    labels = list(runs)
-    workers = parallel.default_workers(len(labels), num_steps, device)
-    states = parallel.map_runs(_finetuned_state, [runs[label] for label in labels],
-                               (model, tokenizer, bench, num_steps, batch_size, device), workers, desc="fine-tuning",
-                               progress=progress)
-    tuned = {}
-    for label, state in zip(labels, states):
-        tuned[label] = copy.deepcopy(model).eval()
-        tuned[label].load_state_dict(state)
-    return tuned
-
-
-def _finetuned_state(model, tokenizer, bench, num_steps, batch_size, device, run):
-    method, seed, hparams = run
-    trained = finetune(model, get_method(method, batch_size=batch_size, **hparams), bench.train, tokenizer,
-                       num_steps=num_steps, seed=seed, device=device, progress=False)
-    if trained.head is not None:
-        raise ValueError(f"{method} classifies with a head of its own: finetune_models returns models only.")
-    return {name: tensor.cpu() for name, tensor in trained.model.state_dict().items()}
-
-
 def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device="auto", progress=True, **hparams):
     """Fine-tune `method` with `seed` on bench.train and evaluate it on bench.test: the one run that compare and
     lib.runner repeat. Returns (table, trained): lib.evaluate.evaluate's table without method or seed columns
@@ -131,14 +105,15 @@ def run_one(model, tokenizer, bench, method, seed, num_steps, batch_size, device
     return run_shared(model, tokenizer, bench, [(method, hparams)], seed, num_steps, batch_size, device, progress)[0]
 
 
-def run_shared(model, tokenizer, bench, methods, seed, num_steps, batch_size, device="auto", progress=True):
+def run_shared(model, tokenizer, bench, methods, seed, num_steps, batch_size, device="auto", progress=True,
+               evaluate=True):
     """run_one for several (method, hparams) that take one trajectory (Method.trajectory; e.g. "ft" and "bma"):
-    one training, then each evaluated. Returns [(table, trained)] in order."""
+    one training, then each evaluated (table None when evaluate is False). Returns [(table, trained)] in order."""
     built = [get_method(name, batch_size=batch_size, **{"templates": bench.templates, **hparams})
              for name, hparams in methods]
     trained = finetune(model, built, bench.train, tokenizer, num_steps=num_steps, seed=seed, device=device,
                        progress=progress)
-    return [(_evaluated(result, tokenizer, bench), result) for result in trained]
+    return [(_evaluated(result, tokenizer, bench) if evaluate else None, result) for result in trained]
 
 
 def _evaluated(trained, tokenizer, bench):

@@ -84,14 +84,37 @@ def expand(grid):
             for seed in grid["seeds"] for hparams in _combinations(swept)]
 
 
-def stored_compare(grid, hparams=None, results_dir="results", device="auto", progress=True):
+def stored_compare(grid, hparams=None, results_dir="results", device="auto", progress=True, keep_weights=()):
     """lib.experiments.compare through the store: the tidy results of every method and seed of `grid`, read where
     the same run is stored already (by another notebook or the command line) and trained and stored otherwise.
     hparams: {method: {name: value}}, as compare takes them; a value equal to the registry's default is left out
-    of the run, so that a method as shipped is one stored run whichever notebook asks for it."""
+    of the run, so that a method as shipped is one stored run whichever notebook asks for it. keep_weights: the
+    seeds whose fine-tuned weights the store keeps, for stored_models (weight mixing and merging)."""
     import pandas as pd
     grids = [_as_shipped(grid, method, (hparams or {}).get(method, {})) for method in grid["methods"]]
-    return pd.concat(run_grids(grids, results_dir, device, progress), ignore_index=True)
+    return pd.concat(run_grids(grids, results_dir, device, progress, keep_weights), ignore_index=True)
+
+
+def stored_models(grid, hparams=None, results_dir="results", device="auto", progress=True):
+    """{(method, seed): fine-tuned model} for the runs of stored_compare(grid, hparams): the weights the store kept
+    (keep_weights), so that a mix or merge (WiSE-FT, Model Stock) starts from the very run whose results are stored.
+    A run not stored yet is trained and stored, its weights kept; a run stored without its weights is fine-tuned
+    again for them (its stored results are left as they are) and they are kept from then on. Methods that classify
+    with a head of their own (lp, vision-only, lp-ft) have no model to mix: an error."""
+    from . import parallel
+    grids = [_as_shipped(grid, method, (hparams or {}).get(method, {})) for method in grid["methods"]]
+    planned = [prepare(g, results_dir, progress, device) for g in grids]
+    runs = [run for grid_runs, _, _ in planned for run in grid_runs]
+    benchmarks = {setting: bench for _, _, found in planned for setting, bench in found.items()}
+    seeds = {run["seed"] for run in runs}
+    train_missing(runs, [run for _, todo, _ in planned for run in todo], benchmarks, results_dir, device, progress,
+                  keep_weights=seeds)
+    unkept = [run for run in runs if not _weights_path(results_dir, run_key(run)).exists()]
+    if unkept:
+        workers = parallel.default_workers(len(unkept), max(run_size(run)["num_steps"] for run in unkept), device)
+        parallel.map_runs(_keep_weights, unkept, (results_dir, device, benchmarks), workers, progress=progress,
+                          desc=f"{len(unkept)} stored run(s) fine-tuned again for their weights")
+    return {(run["method"], run["seed"]): _load_model(run, results_dir, device) for run in runs}
 
 
 def stored_sweep(grid, method, variants, results_dir="results", device="auto", progress=True):
@@ -356,14 +379,14 @@ def run_grid(grid, results_dir="results", device="auto", progress=True):
     return execute(*prepare(grid, results_dir, progress, device), results_dir, device, progress)
 
 
-def run_grids(grids, results_dir="results", device="auto", progress=True):
+def run_grids(grids, results_dir="results", device="auto", progress=True, keep_weights=()):
     """run_grid for several grids at once: their missing runs train together (one pool of workers; a run two grids
-    share trains once, as do runs of one trajectory); one table per grid, in order."""
+    share trains once, as do runs of one trajectory); one table per grid, in order. keep_weights: as stored_compare."""
     planned = [prepare(grid, results_dir, progress, device) for grid in grids]
     runs = [run for grid_runs, _, _ in planned for run in grid_runs]
     todo = list({run_key(run): run for _, grid_todo, _ in planned for run in grid_todo}.values())
     benchmarks = {setting: bench for _, _, found in planned for setting, bench in found.items()}
-    train_missing(runs, todo, benchmarks, results_dir, device, progress)
+    train_missing(runs, todo, benchmarks, results_dir, device, progress, keep_weights=keep_weights)
     return [load_results(grid_runs, results_dir) for grid_runs, _, _ in planned]
 
 
@@ -377,8 +400,9 @@ def execute(runs, todo, benchmarks, results_dir="results", device="auto", progre
     return load_results(runs, results_dir)
 
 
-def train_missing(runs, todo, benchmarks, results_dir="results", device="auto", progress=True, workers=None):
-    """execute without reading the results back."""
+def train_missing(runs, todo, benchmarks, results_dir="results", device="auto", progress=True, workers=None,
+                  keep_weights=()):
+    """execute without reading the results back; the weights of the runs whose seed is in keep_weights are kept."""
     from . import parallel
     results_dir = Path(results_dir)
     writer = _rank() == 0
@@ -388,7 +412,8 @@ def train_missing(runs, todo, benchmarks, results_dir="results", device="auto", 
                                            device)
     names = ", ".join(dict.fromkeys(str(run.get("method")) for run in runs))
     shared = f", {len(todo)} in {len(groups)} trainings" if len(groups) < len(todo) else ""
-    claimed = parallel.map_runs(_train_if_free, groups, (results_dir, device, benchmarks, False, writer), workers,
+    claimed = parallel.map_runs(_train_if_free, groups, (results_dir, device, benchmarks, False, writer, keep_weights),
+                                workers,
                                 desc=f"{names}: runs ({len(runs) - len(todo)} of {len(runs)} done before{shared})",
                                 progress=progress and writer)
     for run in [run for group, claims in zip(groups, claimed) for run, claim in zip(group, claims) if claim is None]:
@@ -396,7 +421,7 @@ def train_missing(runs, todo, benchmarks, results_dir="results", device="auto", 
         if progress and writer:
             print(f"waiting for another runner training {run['method']} seed {run['seed']} (it holds "
                   f"{results_dir / run_key(run)}.lock)", file=sys.stderr)
-        _train_if_free(results_dir, device, benchmarks, True, writer, [run])
+        _train_if_free(results_dir, device, benchmarks, True, writer, keep_weights, [run])
     _barrier()  # every rank reads rank 0's files
 
 
@@ -415,14 +440,14 @@ def _trajectories(runs):
     return [group for same in groups.values() for group in by_trajectory(same, method_of)]
 
 
-def _train_if_free(results_dir, device, benchmarks, blocking, writer, group):
+def _train_if_free(results_dir, device, benchmarks, blocking, writer, keep_weights, group):
     """Train and store the runs of `group` (one trajectory) that no other runner holds or has stored, in one
     training: _claim's decision for each run (None: held)."""
     with contextlib.ExitStack() as stack:
         claims = [stack.enter_context(_claim(results_dir, run_key(run), blocking)) for run in group]
         free = [run for run, claimed in zip(group, claims) if claimed]
         if free:
-            _train_and_store(free, benchmarks, results_dir, device, writer)
+            _train_and_store(free, benchmarks, results_dir, device, writer, keep_weights)
     return claims
 
 
@@ -431,13 +456,9 @@ def _train_if_free(results_dir, device, benchmarks, blocking, writer, group):
 _loaded = {}
 
 
-def _train_and_store(runs, benchmarks, results_dir, device, writer):
-    """Train the runs (one trajectory: one training) and store each."""
+def _setting_loaded(run, benchmarks, device):
+    """(model, tokenizer, bench, change probe) of the run's setting, loaded once per process."""
     from . import experiments
-    from .change import change_table
-    from .models import pick_device
-    run = runs[0]
-    size = run_size(run)
     setting = (_setting(run), json.dumps(provenance(run), sort_keys=True, default=str), str(device))
     if setting not in _loaded:
         _loaded.clear()
@@ -447,14 +468,72 @@ def _train_and_store(runs, benchmarks, results_dir, device, writer):
             quick_gelu=run.get("quick_gelu"), dataset_options=run.get("dataset_options"),
             bench=benchmarks.get(_setting(run)))
         _loaded[setting] = model, tokenizer, bench, experiments.change_probe(model, tokenizer, bench)
-    model, tokenizer, bench, probe = _loaded[setting]
+    return _loaded[setting]
+
+
+def _train_and_store(runs, benchmarks, results_dir, device, writer, keep_weights=()):
+    """Train the runs (one trajectory: one training) and store each; keep the weights of those whose seed is in
+    keep_weights."""
+    from . import experiments
+    from .change import change_table
+    from .models import pick_device
+    model, tokenizer, bench, probe = _setting_loaded(runs[0], benchmarks, device)
+    size = run_size(runs[0])
     outcomes = experiments.run_shared(model, tokenizer, bench, [(r["method"], r["hparams"]) for r in runs],
-                                      run["seed"], size["num_steps"], size["batch_size"], device, progress=False)
+                                      runs[0]["seed"], size["num_steps"], size["batch_size"], device, progress=False)
     for run, (table, trained) in zip(runs, outcomes):
         change = change_table(model, {run["method"]: trained.model}, **probe).drop(columns="method")
         if writer:
             _write_atomically(results_dir, run_key(run), record(run, trained, pick_device(device)),
                               table.assign(train_domains="+".join(run["train_domains"])), change)
+            if run["seed"] in keep_weights:
+                _save_weights(results_dir, run_key(run), model, trained)
+
+
+def _keep_weights(results_dir, device, benchmarks, run):
+    """Fine-tune a stored run again and keep its weights (stored_models)."""
+    from . import experiments
+    model, tokenizer, bench, _ = _setting_loaded(run, benchmarks, device)
+    size = run_size(run)
+    trained = experiments.run_shared(model, tokenizer, bench, [(run["method"], run["hparams"])], run["seed"],
+                                     size["num_steps"], size["batch_size"], device, progress=False,
+                                     evaluate=False)[0][1]
+    if _rank() == 0:
+        _save_weights(results_dir, run_key(run), model, trained)
+
+
+def _weights_path(results_dir, key):
+    return Path(results_dir) / "weights" / f"{key}.pt"
+
+
+def _save_weights(results_dir, key, start, trained):
+    """The tensors that fine-tuning changed (the rest are the pre-trained model's), written atomically."""
+    import torch
+    if trained.head is not None:
+        raise ValueError(f"{trained.method.name} classifies with a head of its own, so it has no model to mix or "
+                         f"merge: keep the weights of methods that classify with the text encoder.")
+    before = start.state_dict()
+    changed = {name: tensor.detach().cpu() for name, tensor in trained.model.state_dict().items()
+               if not torch.equal(tensor.cpu(), before[name].cpu())}
+    path = _weights_path(results_dir, key)
+    path.parent.mkdir(exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(changed, partial)
+    os.replace(partial, path)
+
+
+def _load_model(run, results_dir, device):
+    """The run's fine-tuned model: the pre-trained one with the kept tensors loaded over it."""
+    import torch
+    from .models import load_clip
+    model = load_clip(run["model_name"], run["pretrained"], device, quick_gelu=run.get("quick_gelu"))[0]
+    changed = torch.load(_weights_path(results_dir, run_key(run)), map_location="cpu")
+    missing = sorted(set(changed) - set(model.state_dict()))
+    if missing:
+        raise ValueError(f"the kept weights of {run['method']} seed {run['seed']} name tensors the model lacks "
+                         f"({missing[:3]}): they come from another model; delete {results_dir}/weights/ to refit.")
+    model.load_state_dict({**model.state_dict(), **changed})
+    return model.eval()
 
 
 @contextlib.contextmanager

@@ -65,23 +65,3 @@ def test_a_grid_trained_by_two_workers_stores_every_run_once_with_the_results_of
     # The same batches and steps; only the order of float sums may differ with the threads.
     pd.testing.assert_series_equal(two.accuracy, one.accuracy)
     assert (two.ece - one.ece).abs().max() < 1e-4
-
-
-def test_models_fine_tuned_in_two_workers_are_those_of_the_loop_in_order(monkeypatch):
-    from lib import experiments
-    from lib.methods import get_method
-    from lib.train import finetune
-    model, tokenizer, bench, _ = experiments.setup(train_domains=["photo"], budget="smoke", device="cpu",
-                                                   progress=False)
-    runs = {"a": ("ft", 0, {}), "b": ("flyp", 1, {"lr": 1e-4})}  # flyp: both towers and the scale train
-    monkeypatch.setenv("LAB_WORKERS", "2")
-    tuned = experiments.finetune_models(model, tokenizer, bench, runs, 3, 8, "cpu", progress=False)
-    for label, (method, seed, hparams) in runs.items():
-        expected = finetune(model, get_method(method, batch_size=8, **hparams), bench.train, tokenizer, num_steps=3,
-                            seed=seed, device="cpu", progress=False).model.state_dict()
-        for name, tensor in tuned[label].state_dict().items():
-            torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-4)
-    assert not torch.equal(tuned["b"].token_embedding.weight, model.token_embedding.weight)
-    monkeypatch.setenv("LAB_WORKERS", "1")
-    with pytest.raises(ValueError, match="lp classifies with a head of its own"):
-        experiments.finetune_models(model, tokenizer, bench, {"probe": ("lp", 0, {})}, 3, 8, "cpu", progress=False)

@@ -328,3 +328,38 @@ def test_a_runner_waiting_for_another_runners_claim_says_what_it_waits_for(monke
     assert trained == [("zeroshot", 0)]
     assert f"waiting for another runner training zeroshot seed 0 (it holds {tmp_path / key}.lock)" in \
         capsys.readouterr().err
+
+
+def test_stored_models_are_the_very_runs_whose_results_are_stored(monkeypatch, tmp_path):
+    from lib.evaluate import evaluate
+    grid = {**GRID, "methods": ["ft", "flyp"], "seeds": [0, 1]}  # flyp: both towers and the scale train
+    trained = count_trainings(monkeypatch)
+    results = runner.stored_compare(grid, results_dir=tmp_path, progress=False, keep_weights=[1])
+    assert len(trained) == 4 and len(list((tmp_path / "weights").glob("*.pt"))) == 2  # seed 1's only
+    tuned = runner.stored_models({**grid, "seeds": [1]}, results_dir=tmp_path, progress=False)
+    assert len(trained) == 4 and set(tuned) == {("ft", 1), ("flyp", 1)}  # read, not trained again
+    model, tokenizer, bench, _ = experiments.setup(train_domains=["photo"], budget="smoke", device="cpu",
+                                                   sizes={"n_test_per_class": 1}, progress=False)
+    for (method, seed), fine_tuned in tuned.items():
+        stored = results[(results.method == method) & (results.seed == seed)].reset_index(drop=True)
+        again = evaluate(fine_tuned, tokenizer, bench.test, groups=bench.groups, templates=bench.templates)
+        assert np.array_equal(again.accuracy, stored.accuracy)
+    kept = sorted(len(torch.load(path)) for path in (tmp_path / "weights").glob("*.pt"))
+    assert 0 < kept[0] < kept[1] == len(model.state_dict())  # what each changed: ft the image tower, flyp all
+    assert not torch.equal(tuned["flyp", 1].token_embedding.weight, model.token_embedding.weight)
+
+
+def test_stored_models_fine_tune_a_run_stored_without_weights_once_and_leave_its_results(monkeypatch, tmp_path):
+    grid = {**GRID, "methods": ["ft"], "seeds": [0]}
+    runner.stored_compare(grid, results_dir=tmp_path, progress=False)
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*.*")}
+    trained = count_trainings(monkeypatch)
+    first = runner.stored_models({**grid, "methods": ["ft", "mms"]}, results_dir=tmp_path, progress=False)
+    assert sorted(trained) == [("ft", 0), ("mms", 0)]  # ft for its weights, mms trained and stored
+    assert all(path.read_bytes() == content for path, content in files.items())  # ft's results untouched
+    again = runner.stored_models({**grid, "methods": ["ft", "mms"]}, results_dir=tmp_path, progress=False)
+    assert len(trained) == 2
+    assert all(torch.equal(a, b) for key in first for a, b in zip(first[key].state_dict().values(),
+                                                                   again[key].state_dict().values()))
+    with pytest.raises(ValueError, match="lp classifies with a head of its own"):
+        runner.stored_models({**grid, "methods": ["lp"]}, results_dir=tmp_path, progress=False)

@@ -14,7 +14,7 @@ get_method knows every name.
 """
 from . import arf, baselines, clipood, model_stock, robust_ft, saft  # noqa: F401 (each registers its methods)
 from .arf import AnchorRobustFineTune, CaptionAnchors, ContrastiveFineTune, RetrievedAnchors
-from .base import ALIASES, METHODS, MODIFIERS, Method, Modifier, alias, get_method, register
+from .base import ALIASES, METHODS, MODIFIERS, Method, Modifier, Watcher, alias, get_method, register
 from .baselines import (FineTune, FrozenTextMethod, LinearHead, LinearHeadTuning, LinearProbe,
                         LinearProbeThenFineTune, ZeroShot)
 from .clipood import BetaAverage, MarginMetricSoftmax
