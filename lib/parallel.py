@@ -33,7 +33,7 @@ def cpus():
 def default_workers(num_runs, num_steps, device="auto"):
     """How many processes should train `num_runs` runs of `num_steps` steps: LAB_WORKERS when set; else 1 on a GPU,
     under torch.distributed, for short runs or few of them; else min(cpus, MAX_WORKERS, num_runs //
-    MIN_RUNS_PER_WORKER)."""
+    MIN_RUNS_PER_WORKER), or as many of the workers already started as there are runs (their start is paid)."""
     if os.environ.get("LAB_WORKERS"):
         value = os.environ["LAB_WORKERS"]
         if not value.isdigit():
@@ -44,7 +44,8 @@ def default_workers(num_runs, num_steps, device="auto"):
     on_cpu = not torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cpu"
     if not on_cpu or dist.is_initialized() or (num_steps or 0) < MIN_STEPS:
         return 1
-    return max(1, min(cpus(), MAX_WORKERS, num_runs // MIN_RUNS_PER_WORKER))
+    started = min(max(_pools, default=0), num_runs) if num_runs > 1 else 0
+    return max(1, min(cpus(), MAX_WORKERS, max(num_runs // MIN_RUNS_PER_WORKER, started)))
 
 
 def map_runs(function, items, shared=(), workers=1, desc=None, progress=True):

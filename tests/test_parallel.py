@@ -46,6 +46,9 @@ def test_workers_only_for_enough_runs_of_enough_steps_on_a_cpu(monkeypatch):
     assert parallel.default_workers(30, 150, "cpu") == 2
     assert parallel.default_workers(30, parallel.MIN_STEPS - 1, "cpu") == 1  # the smoke budget: start-up dominates
     assert parallel.default_workers(parallel.MIN_RUNS_PER_WORKER * 2 - 1, 150, "cpu") == 1
+    monkeypatch.setattr(parallel, "_pools", {2: None})  # two workers started by an earlier call: free to use
+    assert parallel.default_workers(3, 150, "cpu") == 2 and parallel.default_workers(1, 150, "cpu") == 1
+    monkeypatch.setattr(parallel, "_pools", {})
     monkeypatch.setattr(parallel, "cpus", lambda: 64)
     assert parallel.default_workers(1000, 150, "cpu") == parallel.MAX_WORKERS
     monkeypatch.setenv("LAB_WORKERS", "3")
