@@ -74,7 +74,8 @@ class StochasticWeightAveraging(Watcher):
     paper's code; if no step qualifies, the final state is the average. `swa_steps` lists the averaged steps.
 
     The learning rate: swa_lr=None keeps the base method's schedule (a cosine decay to zero over the whole run, so
-    the averaged states lie close together). A number gives the paper's averaging phase (fmdg/_model.py): the base
+    the averaged states lie close together); SWA then only watches the base's steps (a Watcher), and "X" and "X+swa"
+    train once together (lib.train.finetune given both). A number gives the paper's averaging phase (fmdg/_model.py): the base
     schedule stops where averaging starts, and torch's SWALR, stepped once per averaged period, moves the rate
     from its value there to swa_lr by a cosine anneal over swa_anneal periods (the paper: 10 epochs, or as many
     as it averages if fewer), then holds it. The paper averages 10 epochs, so its rate rises from 1e-6 (the
