@@ -10,6 +10,7 @@ again from the start (no checkpoint within a run). A job with several GPUs (--gp
 job spans one node. Everything the runner checks before training is checked once, before anything is submitted.
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,21 +43,29 @@ class RunJob:
         command = ["-m", "lib.runner", grid_file, "--results-dir", results_dir, "--device", device]
         if processes > 1:
             command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *command]
-        subprocess.run([sys.executable, *command], check=True, preexec_fn=_end_with_parent)
+        subprocess.run([sys.executable, *command], check=True, preexec_fn=_ends_with(os.getpid()))
 
     def checkpoint(self, *args, **kwargs):
         import submitit
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def _end_with_parent():
-    """In the runner's process, before it starts: on Linux, be killed when the job's task ends, however it ends (a
-    local job killed or cancelled: submitit stops the task, and an orphaned runner would train and store its run
-    anyway). Slurm ends a job's processes itself."""
-    if sys.platform == "linux":
-        import ctypes
-        import signal
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+def _ends_with(parent):
+    """The runner's preexec_fn: on Linux, the runner is killed when the job's task (`parent`) ends, however it ends
+    (a local job killed or cancelled: submitit stops the task, and an orphaned runner would train and store its run
+    anyway). A task that dies between the fork and the prctl has orphaned the runner already, so it never gets the
+    signal: the runner checks its parent after the prctl and exits. Slurm ends a job's processes itself."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+    import signal
+    prctl = ctypes.CDLL(None).prctl  # looked up before the fork: the child does as little as it can
+
+    def end_with_parent():
+        prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return end_with_parent
 
 
 def executor(launcher, folder, gpus_per_node, partition=None, cpus_per_task=None, timeout_min=240):

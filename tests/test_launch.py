@@ -1,6 +1,8 @@
 """lib.launch: one submitit job per run of a grid, through the store and its claims (local executor here)."""
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +64,18 @@ def test_a_killed_job_is_submitted_again_and_every_run_is_stored_once(tmp_path, 
     assert not list(results.glob("*.tmp")) and not list(results.glob("*.lock"))
     table = runner.load_results(runs, results)
     assert sorted(table.seed.unique()) == [0, 1] and table.accuracy.notna().any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_runner_whose_task_died_before_its_prctl_exits_at_once():
+    """The race that once stored a killed job's run: the task dies between the fork and the prctl, so the runner is
+    orphaned before it asks to die with its parent. Here its parent is some other process from the start."""
+    started = subprocess.run([sys.executable, "-c", "print('trained')"], capture_output=True, text=True,
+                             preexec_fn=launch._ends_with(os.getpid()))
+    assert (started.returncode, started.stdout) == (0, "trained\n")
+    orphaned = subprocess.run([sys.executable, "-c", "print('trained')"], capture_output=True, text=True,
+                              preexec_fn=launch._ends_with(os.getppid()))
+    assert (orphaned.returncode, orphaned.stdout) == (1, "")
 
 
 def test_slurm_jobs_take_the_flags_as_submitit_parameters(tmp_path, monkeypatch):
