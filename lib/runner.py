@@ -103,12 +103,9 @@ def stored_models(grid, hparams=None, results_dir="results", device="auto", prog
     with a head of their own (lp, vision-only, lp-ft) have no model to mix: an error."""
     from . import parallel
     grids = [_as_shipped(grid, method, (hparams or {}).get(method, {})) for method in grid["methods"]]
-    planned = [prepare(g, results_dir, progress, device) for g in grids]
-    runs = [run for grid_runs, _, _ in planned for run in grid_runs]
-    benchmarks = {setting: bench for _, _, found in planned for setting, bench in found.items()}
-    seeds = {run["seed"] for run in runs}
-    train_missing(runs, [run for _, todo, _ in planned for run in todo], benchmarks, results_dir, device, progress,
-                  keep_weights=seeds)
+    runs_of_grids, todo, benchmarks = _plan(grids, results_dir, progress, device)
+    runs = sum(runs_of_grids, [])
+    train_missing(runs, todo, benchmarks, results_dir, device, progress, keep_weights={run["seed"] for run in runs})
     unkept = [run for run in runs if not _weights_path(results_dir, run_key(run)).exists()]
     if unkept:
         workers = parallel.default_workers(len(unkept), max(run_size(run)["num_steps"] for run in unkept), device)
@@ -382,12 +379,18 @@ def run_grid(grid, results_dir="results", device="auto", progress=True):
 def run_grids(grids, results_dir="results", device="auto", progress=True, keep_weights=()):
     """run_grid for several grids at once: their missing runs train together (one pool of workers; a run two grids
     share trains once, as do runs of one trajectory); one table per grid, in order. keep_weights: as stored_compare."""
+    runs_of_grids, todo, benchmarks = _plan(grids, results_dir, progress, device)
+    train_missing(sum(runs_of_grids, []), todo, benchmarks, results_dir, device, progress, keep_weights=keep_weights)
+    return [load_results(runs, results_dir) for runs in runs_of_grids]
+
+
+def _plan(grids, results_dir, progress, device):
+    """prepare for several grids: (the runs of each grid, the runs to train, a run two grids share once, and the
+    benchmarks by setting)."""
     planned = [prepare(grid, results_dir, progress, device) for grid in grids]
-    runs = [run for grid_runs, _, _ in planned for run in grid_runs]
     todo = list({run_key(run): run for _, grid_todo, _ in planned for run in grid_todo}.values())
     benchmarks = {setting: bench for _, _, found in planned for setting, bench in found.items()}
-    train_missing(runs, todo, benchmarks, results_dir, device, progress, keep_weights=keep_weights)
-    return [load_results(grid_runs, results_dir) for grid_runs, _, _ in planned]
+    return [runs for runs, _, _ in planned], todo, benchmarks
 
 
 def execute(runs, todo, benchmarks, results_dir="results", device="auto", progress=True, workers=None):
