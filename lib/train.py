@@ -155,8 +155,8 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
         watcher.start(model, train_set, num_steps)
     history = []
     if trunk.trains and num_steps > 0:
-        _take_steps(model, trunk, [w for ws in watchers for w in ws], train_set, num_steps, seed, device, progress,
-                    num_workers, history, name=" & ".join(m.name for m in methods))
+        history = _take_steps(model, trunk, [w for ws in watchers for w in ws], train_set, num_steps, seed, device,
+                              progress, num_workers, name=" & ".join(m.name for m in methods))
     model.eval()
     results = []
     for m, own in zip(methods, watchers):
@@ -173,9 +173,9 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     return results if isinstance(method, list) else results[0]
 
 
-def _take_steps(model, method, watchers, train_set, num_steps, seed, device, progress, num_workers, history, name):
-    """The loop: num_steps optimizer steps of `method` on `model` (in place), each watched by `watchers`; the loss
-    of every step appended to `history`."""
+def _take_steps(model, method, watchers, train_set, num_steps, seed, device, progress, num_workers, name):
+    """The loop: num_steps optimizer steps of `method` on `model` (in place), each watched by `watchers`. Returns
+    the loss of every step."""
     named = method.trainable_parameters(model)
     trainable = {id(p) for _, p in named}
     for p in model.parameters():
@@ -196,6 +196,7 @@ def _take_steps(model, method, watchers, train_set, num_steps, seed, device, pro
         # changes during training.
         step_loss = torch.nn.parallel.DistributedDataParallel(step_loss, broadcast_buffers=False)
     cuda = device.type == "cuda"
+    history = []
     for step in tqdm(range(num_steps), desc=f"{name} (seed {seed})", disable=not progress or rank > 0,
                      leave=False):
         images, labels, indices = next(batches)
@@ -222,6 +223,7 @@ def _take_steps(model, method, watchers, train_set, num_steps, seed, device, pro
         for watcher in watchers:
             watcher.observe(model, step)
         history.append(loss_value)
+    return history
 
 
 class DivergedError(FloatingPointError):
