@@ -286,12 +286,7 @@ def id_ood_scatter(table, x_metrics=("domain_shift", "new"), title="every method
                         **styles[row.method])
         ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric).replace(chr(10), ' ')} accuracy (%)")
         ax.set_ylabel("ID accuracy (%)")
-    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-               title="method (no point: no new-class head)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _legend_outside(fig, axes[0], "method (no point: no new-class head)", title)
 
 
 def _method_styles(methods):
@@ -392,9 +387,14 @@ def change_figure(table, title="where each method changes the model"):
             ax.set_xticks(blocks, ["outside" if b < 0 else str(b) for b in blocks], fontsize=8)
         axes[0][column].set_yscale("log")
         axes[0][column].set_title(f"{encoder} encoder")
-    handles = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    return _legend_outside(fig, axes.flat, "method", title)
+
+
+def _legend_outside(fig, axes, legend_title, title):
+    """One legend for all `axes`, each label once, right of the panels; the figure's title; the figure."""
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-               title="method")
+               title=legend_title)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
