@@ -180,12 +180,16 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
     domains and nested across fractions for one seed. The number of optimizer steps is FIXED (num_steps at every
     fraction > 0: equal compute per point, and a small sample is seen for more epochs); fraction 0 trains nothing
     (zero-shot for CLIP methods, a random head for vision-only). Methods that take one trajectory (e.g. "ce" and
-    "ce-swa" with swa_lr None: SWA then only watches ce's steps) share one training.
+    "ce-swa" with swa_lr None: SWA then only watches ce's steps) share one training, and those that part from one
+    ("ce-swa" with its averaging phase) share its steps until they part (lib.train.finetune).
 
-    Returns a tidy table: method, fraction, seed, domain, n, accuracy (every class in one group, "all").
+    methods: registry names, or {label: name} to sweep a method under several settings (hparams are then keyed by
+    label, e.g. {"ce-swa": ..., "ce-swa (cosine)": ...}). Returns a tidy table: method (the label), fraction,
+    seed, domain, n, accuracy (every class in one group, "all").
     """
     hparams = hparams or {}
-    groups = by_trajectory(methods, lambda name: get_method(name, batch_size=batch_size, **hparams.get(name, {})))
+    named = list(methods.items() if isinstance(methods, dict) else zip(methods, methods))
+    groups = by_trajectory(named, lambda item: get_method(item[1], batch_size=batch_size, **hparams.get(item[0], {})))
     runs = [(group, f, s) for f in fractions for s in seeds for group in groups]
     from . import parallel
     workers = parallel.default_workers(len(runs), num_steps, device)
@@ -195,11 +199,16 @@ def fraction_sweep(model, tokenizer, bench, methods, fractions, seeds, num_steps
 
 
 def by_trajectory(items, method_of):
-    """`items` in groups (in order) whose methods, method_of(item), take the same steps (Method.trajectory): each
-    group trains once (lib.train.finetune given a list of methods)."""
+    """`items` in groups (in order) that train once (lib.train.finetune given a list of methods): methods,
+    method_of(item), that take the same steps (Method.trajectory), joined by those that take their first steps and
+    then their own (Method.parts_from: "ce-swa" with its averaging phase joins "ce")."""
     groups = {}
     for item in items:
         groups.setdefault(method_of(item).trajectory(), []).append(item)
+    for trajectory in list(groups):
+        trunk = method_of(groups[trajectory][0]).parts_from()
+        if trunk in groups:
+            groups[trunk] += groups.pop(trajectory)
     return list(groups.values())
 
 
@@ -207,16 +216,16 @@ def _fraction_run(model, tokenizer, bench, num_steps, batch_size, device, hparam
     """One training of fraction_sweep: the tables of the methods of one trajectory."""
     from .data.folders import fraction_sample
     from .evaluate import evaluate as _evaluate
-    names, fraction, seed = run
+    named, fraction, seed = run
     train = fraction_sample(bench.train, fraction, seed)
     steps = num_steps if len(train) else 0
-    methods = [get_method(name, batch_size=batch_size, **hparams.get(name, {})) for name in names]
+    methods = [get_method(name, batch_size=batch_size, **hparams.get(label, {})) for label, name in named]
     trained = finetune(model, methods, train, tokenizer, num_steps=steps, seed=seed, device=device, progress=False)
     every_class = {"all": bench.train.ids}  # the test set has the same classes
     return [_evaluate(result.model, tokenizer, bench.test, groups=every_class, head=result.head,
-                      templates=result.method.hparams["templates"], method=name, fraction=fraction,
+                      templates=result.method.hparams["templates"], method=label, fraction=fraction,
                       seed=seed).drop(columns="group")
-            for name, result in zip(names, trained)]
+            for (label, _), result in zip(named, trained)]
 
 
 def dg_summary(results, train_domains):

@@ -355,12 +355,13 @@ def test_runs_of_one_trajectory_train_once_and_store_what_they_would_alone(monke
     monkeypatch.setattr(experiments, "finetune", lambda model, methods, *a, **k: calls.append(
         sorted(m.name for m in methods)) or real(model, methods, *a, **k))
     one_seed = {**GRID, "seeds": [0]}
-    runs = (runner.expand({**one_seed, "methods": ["ft", "mms"]})
+    runs = (runner.expand({**one_seed, "methods": ["ft", "mms", "ce-swa", "ce"]})
             + runner.expand({**one_seed, "methods": ["bma"], "hparams": {"beta": [0.5, 2.0]}}))
     for folder in ("together", "alone"):
         (tmp_path / folder).mkdir()
     together = runner.execute(runs, runs, {}, tmp_path / "together", progress=False)
-    assert sorted(calls) == [["bma", "bma", "ft"], ["mms"]]  # BMA only watches ft's steps
+    # BMA only watches ft's steps; SWA's averaging phase branches off ce's training (lib.train.finetune)
+    assert sorted(calls) == [["bma", "bma", "ft"], ["ce", "ce-swa"], ["mms"]]
     calls.clear()
     alone = pd.concat([runner.execute([run], [run], {}, tmp_path / "alone", progress=False) for run in runs],
                       ignore_index=True)

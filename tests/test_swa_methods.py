@@ -82,7 +82,7 @@ def test_vision_only_trains_its_head_and_gives_nan_on_new_classes(setup):
     assert swa.head is not None and swa.head.weight.shape == (4, 128)
 
 
-def test_fraction_sweep_shares_the_swa_trajectory_only_on_the_same_schedule(setup, monkeypatch):
+def test_fraction_sweep_trains_ce_and_both_swa_variants_together_under_their_labels(setup, monkeypatch):
     model, tokenizer, _ = setup
     bench = experiments.dg_benchmark("shapeworld", test_domain="painting", n_train_per_class=2, n_test_per_class=1)
     bench = bench.with_transform(models.mini_preprocess)
@@ -91,19 +91,19 @@ def test_fraction_sweep_shares_the_swa_trajectory_only_on_the_same_schedule(setu
     real = experiments.finetune
     monkeypatch.setattr(experiments, "finetune", lambda model, methods, *a, **k: trained.append(len(methods))
                         or real(model, methods, *a, **k))
-    cosine = {"ce-swa": dict(swa_lr=None)}  # SWA on ce's own schedule: ce is its live model
-    results = experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa", "vision-only"], [0, 0.5],
-                                         seeds=[0], num_steps=2, batch_size=8, progress=False, hparams=cosine)
-    assert set(results.method) == {"ce", "ce-swa", "vision-only"} and trained == [2, 1] * 2  # ce shares a run
-    trained.clear()
-    experiments.fraction_sweep(model, tokenizer, bench, ["ce", "ce-swa"], [0.5], seeds=[0], num_steps=2,
-                               batch_size=8, progress=False)  # the averaging phase changes the trajectory
-    assert len(trained) == 2
-    assert len(results) == 3 * 2 * len(sw.DOMAINS)
+    labels = {"ce": "ce", "ce-swa": "ce-swa", "ce-swa (cosine)": "ce-swa", "vision-only": "vision-only"}
+    cosine = {"ce-swa (cosine)": dict(swa_lr=None)}  # SWA on ce's own schedule: ce is its live model
+    results = experiments.fraction_sweep(model, tokenizer, bench, labels, [0, 0.5], seeds=[0], num_steps=2,
+                                         batch_size=8, progress=False, hparams=cosine)
+    # ce and its cosine SWA share a run, from which the averaging phase branches off (lib.train.finetune)
+    assert set(results.method) == set(labels) and trained == [3, 1] * 2
+    trained_half = results[results.fraction == 0.5].pivot_table(index="domain", columns="method", values="accuracy")
+    assert not trained_half["ce-swa"].equals(trained_half["ce-swa (cosine)"])  # each label its own hparams
+    assert len(results) == 4 * 2 * len(sw.DOMAINS)
     zero = results[results.fraction == 0].pivot_table(index="domain", columns="method", values="accuracy")
     assert (zero["ce"] == zero["ce-swa"]).all()  # fraction 0 is the zero-shot model for both
     summary = experiments.dg_summary(results, bench.train_domains)
-    assert list(summary.columns) == ["method", "fraction", "seed", "id", "ood"] and len(summary) == 6
+    assert list(summary.columns) == ["method", "fraction", "seed", "id", "ood"] and len(summary) == 8
 
 
 def test_swa_averages_the_epochs_that_start_after_the_start_fraction(setup):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lib import methods, models
+from lib.methods import robust_ft
 from lib.data import shapeworld as sw
 from lib.evaluate import evaluate
 from lib.methods.base import adamw
@@ -194,9 +195,37 @@ def test_methods_with_one_trajectory_share_a_training_that_equals_their_own(setu
     assert all(not torch.equal(first, other) for other in others)  # each got its own average
 
 
-@pytest.mark.parametrize("names", [["ft", "mms"], ["ce", "ce-swa"], ["bma", "clipood"]])
+@pytest.mark.parametrize("names", [
+    [("ce", {}), ("ce-swa", {})],  # parts from ce where its averaging phase starts (step 3 of 6)
+    [("ce-swa", {"swa_lr": 1e-3}), ("ce", {}), ("ce-swa", {"swa_lr": None}), ("ce-swa", {"swa_start": 0.0})],
+    [("ce-swa", {"swa_lr": None}), ("ce-swa", {"swa_start": 0.75}), ("ce-swa", {"swa_start": 0.75})],
+])
+def test_methods_that_part_from_a_trajectory_branch_off_and_equal_their_own_training(setup, names, monkeypatch):
+    model, tokenizer, train = setup
+    def build(name, hparams):  # 6 steps, SWA averaging every step of its phase
+        return methods.get_method(name, **dict(FAST, num_steps=6), **({"swa_every": 1} if "swa" in name else {}),
+                                  **hparams)
+    built = [build(n, h) for n, h in names]
+    losses = []
+    original = robust_ft.EndToEndCrossEntropy.loss
+    monkeypatch.setattr(robust_ft.EndToEndCrossEntropy, "loss", lambda *args: losses.append(1) or original(*args))
+    shared = finetune(model, built, train, tokenizer, seed=3, progress=False)
+    # one training of ce's 6 steps, and each branch only its own steps after its phase starts
+    own = {}
+    for m in built:
+        if m.parts_from() is not None and m.trajectory() not in own:  # the first of a branch is the one set up
+            own[m.trajectory()] = 6 - m.parting_step
+    assert len(losses) == 6 + sum(own.values()) < 6 * (1 + len(own))
+    for (name, hparams), together in zip(names, shared):
+        alone = finetune(model, build(name, hparams), train, tokenizer, seed=3, progress=False)
+        assert together.history == alone.history and together.method.hparams == alone.method.hparams
+        assert all(torch.equal(a, b) for a, b in zip(together.model.state_dict().values(),
+                                                     alone.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("names", [["ft", "mms"], ["ft", "ce-swa"], ["bma", "clipood"]])
 def test_methods_that_take_different_steps_cannot_share_a_training(setup, names):
-    model, tokenizer, train = setup  # ce-swa's averaging phase changes the learning rate, so ce's steps
+    model, tokenizer, train = setup  # ce-swa takes ce's first steps, never ft's
     assert methods.get_method(names[0]).trajectory() != methods.get_method(names[1]).trajectory()
     with pytest.raises(ValueError, match="do not take the same steps"):
         finetune(model, [methods.get_method(n, **FAST) for n in names], train, tokenizer, progress=False)

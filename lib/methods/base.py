@@ -4,8 +4,10 @@ A method is a small object with default hyperparameters. It says which parameter
 is, and what happens around the optimizer step; lib.train.finetune runs every method with the same loop.
 Modifiers (averaging, sparsity, merging) wrap any base method, so names compose: "ft+bma", "mms+bma"
 (= "clipood"), "mms+saft+bma". A weight average only watches its base's trajectory (a Watcher): "ft", "ft+bma" and
-"ft+bma" at another beta take the same steps, and lib.train.finetune trains them once (Method.trajectory). Each paper's module (lib.methods.clipood, .robust_ft, .arf, .saft) registers its
-own methods, modifiers and aliases with `register` and `alias`; lib.methods imports them all.
+"ft+bma" at another beta take the same steps, and lib.train.finetune trains them once (Method.trajectory); a
+method that takes another's first steps only (Method.parts_from: SWA's averaging phase) branches off its training.
+Each paper's module (lib.methods.clipood, .robust_ft, .arf, .saft) registers its own methods, modifiers and aliases
+with `register` and `alias`; lib.methods imports them all.
 
     >>> method = get_method("ft", lr=3e-5)
     >>> method.hparams["lr"]
@@ -101,9 +103,13 @@ class Method:
         """What decides every step: the trunk's name and hyperparameters, the watchers' own left out. Methods with the
         same trajectory, trained with the same seed on the same data, take the same steps."""
         trunk, watchers = self.split()
-        own = {name for watcher in watchers for name in watcher.MODIFIER_HPARAMS}
-        return json.dumps([trunk.name, {k: v for k, v in trunk.hparams.items() if k not in own}], sort_keys=True,
-                          default=str)
+        return trajectory_of(trunk, watchers)
+
+    def parts_from(self):
+        """The trajectory of the method whose first steps this one takes before taking its own (SWA with its
+        averaging phase takes its base's steps until the phase starts), or None. After setup, `parting_step` is the
+        number of steps they share; lib.train.finetune then trains the two once up to there."""
+        return None
 
     def __repr__(self):
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.hparams.items() if k != 'templates')})"
@@ -195,6 +201,14 @@ class Watcher(Modifier):
 
     def finalize(self, model, history):
         return super().finalize(self.averaged(model), history)
+
+
+def trajectory_of(trunk, modifiers):
+    """Method.trajectory of `trunk` with the hyperparameters of `modifiers` left out (its hparams dict is shared
+    with the modifiers around it)."""
+    own = {name for modifier in modifiers for name in modifier.MODIFIER_HPARAMS}
+    return json.dumps([trunk.name, {k: v for k, v in trunk.hparams.items() if k not in own}], sort_keys=True,
+                      default=str)
 
 
 METHODS = {}

@@ -14,7 +14,7 @@ from ..averaging import StochasticWeightAverage
 from ..checks import Number
 from ..losses import cross_entropy_loss
 from ..models import encode_text
-from .base import Method, Watcher, alias, register
+from .base import Method, Watcher, alias, register, trajectory_of
 from .baselines import LinearHeadTuning
 
 
@@ -79,7 +79,9 @@ class StochasticWeightAveraging(Watcher):
     schedule stops where averaging starts, and torch's SWALR, stepped once per averaged period, moves the rate
     from its value there to swa_lr by a cosine anneal over swa_anneal periods (the paper: 10 epochs, or as many
     as it averages if fewer), then holds it. The paper averages 10 epochs, so its rate rises from 1e-6 (the
-    base schedule's value after 20 epochs) towards swa_lr = 1e-4 for all of them and never holds.
+    base schedule's value after 20 epochs) towards swa_lr = 1e-4 for all of them and never holds. Until the phase
+    starts (parting_step) "X+swa" takes X's steps (parts_from): lib.train.finetune given both trains X once and
+    branches the phase off there.
 
     The default is the averaging phase at swa_lr = 1e-4, the paper's value, which is notebook 02's base rate and a
     third of the registry's: the states spread at the rate training ran at. The paper's ratio (ten times its base
@@ -97,6 +99,16 @@ class StochasticWeightAveraging(Watcher):
     @property
     def watches_only(self):  # the averaging phase changes the learning rate, so the steps
         return self.hparams["swa_lr"] is None
+
+    def parts_from(self):
+        if self.watches_only:
+            return None  # it shares its base's whole trajectory
+        trunk, watchers = self.base.split()
+        return trajectory_of(trunk, [self, *watchers])
+
+    @property
+    def parting_step(self):  # until the phase starts, the base schedule and the base's steps
+        return self.phase_start
 
     def start(self, model, train_set, num_steps):
         start, every = self.hparams["swa_start"], self.hparams["swa_every"]
