@@ -170,12 +170,9 @@ def fraction_curves(table, metrics=("id", "ood"), reference=None, title="", labe
         ax.set_xlabel("training data (%)")
         ax.set_title(labels.get(metric, metric), fontsize=10)
     axes[0][0].set_ylabel("accuracy (%, mean and 95 % CI over seeds)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
     fig.supxlabel("x: the share of the source domains' training split used, the same number of steps at every share",
                   fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _legend_outside(fig, axes[0], "method", title)  # inside, it hid the OOD curves
 
 
 def bma_weight_figure(beta, total_steps, title=None):
