@@ -173,6 +173,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
     watchers = {id(m): m.split()[1] for m in on_trunk}
     for watcher in sum(watchers.values(), []):
         watcher.start(model, train_set, num_steps)
+
     def part(step, optimizer):  # each branch takes the trunk's state where it parts from it
         for branch in branches.values():
             if branch.parting_step == step:
@@ -194,7 +195,7 @@ def finetune(model, method, train_set, tokenizer, num_steps=None, seed=0, device
             trained = trunk.finalize(final, list(history))
         else:
             branch = branches[m.trajectory()]
-            trained = branch.trunk.finalize(branch.model.eval(), list(branch.history or history))
+            trained = branch.trunk.finalize(branch.model.eval(), list(branch.history))
         trained.method = m
         bad = [name for name, p in trained.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # e.g. the last step's update overflowed, or a weight average went wrong
@@ -208,12 +209,15 @@ class _Branch:
     """Methods of one trajectory that take the trunk's first `parting_step` steps, then their own (finetune)."""
 
     def __init__(self, method, model):
-        self.trunk, self.history = method, None
+        self.trunk, self.history = method, []  # no steps, no history: what its own training gives too
         self.model = copy.deepcopy(model)  # set up on the start, as its own training would be
 
     def setup(self, tokenizer, train_set, num_steps, seed):
         self.trunk.setup(self.model, tokenizer, train_set, num_steps=num_steps, seed=seed)
-        self.parting_step = self.trunk.parting_step
+
+    @property
+    def parting_step(self):  # known once set up
+        return self.trunk.parting_step
 
     def part(self, model, optimizer):
         self.model.load_state_dict(model.state_dict())
