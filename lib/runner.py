@@ -520,9 +520,9 @@ def _save_weights(results_dir, key, start, trained):
                if not torch.equal(tensor.cpu(), before[name].cpu())}
     path = _weights_path(results_dir, key)
     path.parent.mkdir(exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(changed, partial)
-    os.replace(partial, path)
+    content = io.BytesIO()
+    torch.save(changed, content)
+    _replace_atomically(path, content.getvalue())
 
 
 def _load_model(run, results_dir, device):
@@ -682,12 +682,18 @@ def _write_atomically(results_dir, key, sidecar, table, change):
                              sha256=hashlib.sha256(content).hexdigest())
     contents["json"] = json.dumps(sidecar, indent=1, default=str).encode()
     for part, content in contents.items():
-        partial = paths[part].with_name(paths[part].name + ".tmp")
-        with open(partial, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, paths[part])
+        _replace_atomically(paths[part], content)
+
+
+def _replace_atomically(path, content):
+    """Write `content` (bytes) to a temporary name beside `path`, then rename it: a reader sees the old file or the
+    whole new one, never a part."""
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "wb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
 
 
 def main(argv=None):
